@@ -1,0 +1,182 @@
+"""Curvature capture: layer inputs and pre-activation gradients, on statistic steps only.
+
+A forward hook on each tracked module stores its input (as ``(n, T, d_in)``). Under the
+*empirical* Fisher it also puts a tensor hook on the module output, so the ordinary
+``loss.backward()`` hands over ``dL/dh``; under the *true* (Monte Carlo) Fisher the
+gradient comes from :meth:`CurvatureCapture.sample_fisher`, one extra backward through
+a loss on labels sampled from the model's predictive distribution.
+
+Scaling. Frameworks give the gradient of the *mean* batch loss
+``L = (1/n) sum_i l_i``, i.e. ``g_i / n``. With ``batch_averaged=True`` (the default)
+the captured gradient is multiplied by ``n`` so it is ``g_i = dl_i/dh_i``; with a summed
+loss set ``batch_averaged=False``.
+
+When the hooks are idle (steps that update no statistic) a forward costs one Python
+attribute check per tracked module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from kfe.adapter import LayerAdapter
+
+__all__ = ["Captured", "CurvatureCapture", "LayerBlock", "LossKind"]
+
+LossKind = Literal["cross_entropy", "mse", "bce"]
+
+
+@dataclass(eq=False)
+class LayerBlock:
+    """One tracked layer: weight and optional bias, seen as ``W`` of ``(d_out, d_in+1)``."""
+
+    name: str
+    module: nn.Module
+    adapter: LayerAdapter
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return [self.weight] if self.bias is None else [self.weight, self.bias]
+
+    def matrix(self, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """Stack a weight-shaped and a bias-shaped tensor into ``(d_out, d_in[+1])``."""
+        w = self.adapter.weight_matrix(weight)
+        return w if bias is None else torch.cat([w, bias.unsqueeze(1)], dim=1)
+
+    def split(self, matrix: Tensor) -> list[Tensor]:
+        """Inverse of :meth:`matrix`: views shaped like :attr:`params`."""
+        if self.bias is None:
+            return [matrix.reshape(self.weight.shape)]
+        return [matrix[:, :-1].reshape(self.weight.shape), matrix[:, -1]]
+
+    def augment(self, x: Tensor) -> Tensor:
+        """Append the homogeneous coordinate (a column of ones) when there is a bias."""
+        if self.bias is None:
+            return x
+        return torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
+
+
+@dataclass
+class Captured:
+    """What one block captured in the current step (several forwards are stacked)."""
+
+    inputs: list[Tensor] = field(default_factory=list)
+    grads: list[Tensor] = field(default_factory=list)
+    outputs: list[Tensor] = field(default_factory=list)
+
+    def pairs(self) -> list[tuple[Tensor, Tensor]]:
+        """``(x, g)`` pairs, each ``(n, T, d)``; empty unless both sides arrived."""
+        if len(self.inputs) != len(self.grads):
+            return []
+        return list(zip(self.inputs, self.grads, strict=True))
+
+
+def sample_loss(output: Tensor, kind: LossKind, generator: torch.Generator | None) -> Tensor:
+    """The training loss (torch's default ``mean`` reduction) on sampled labels.
+
+    - ``cross_entropy``: ``y ~ Categorical(softmax(output))`` over the last dim
+      (``(n, C)`` or ``(n, T, C)`` logits), loss ``F.cross_entropy``.
+    - ``bce``: ``y ~ Bernoulli(sigmoid(output))``, loss ``F.binary_cross_entropy_with_logits``.
+    - ``mse``: ``y ~ N(output, I/2)``, loss ``F.mse_loss``; ``sigma^2 = 1/2`` is the
+      Gaussian whose negative log-likelihood is ``||f - y||^2``, so that with a summed
+      loss ``E[g g^T] = 2 I`` is its Hessian (the GGN).
+
+    The captured ``g`` is the gradient of the per-example loss with sampled labels, the
+    same form as the empirical Fisher's. A per-example loss that averages ``k`` terms
+    (outputs, tokens) is ``NLL / k`` and its Fisher carries ``1/k^2`` in both kinds.
+    """
+    out = output.detach()
+    if kind == "cross_entropy":
+        logits = out.reshape(-1, out.shape[-1])
+        y = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+        return F.cross_entropy(output.reshape(-1, output.shape[-1]), y)
+    if kind == "bce":
+        y = torch.bernoulli(torch.sigmoid(out), generator=generator)
+        return F.binary_cross_entropy_with_logits(output, y)
+    if kind == "mse":
+        noise = torch.randn(out.shape, generator=generator, dtype=out.dtype, device=out.device)
+        return F.mse_loss(output, out + noise * 0.5**0.5)
+    raise ValueError(f"loss kind must be one of 'cross_entropy', 'mse', 'bce', not {kind!r}")
+
+
+class CurvatureCapture:
+    """Hooks on the tracked modules; holds this step's captures until the step reads them."""
+
+    def __init__(self, blocks: Sequence[LayerBlock], *, fisher: str, batch_averaged: bool) -> None:
+        self.blocks = list(blocks)
+        self.fisher = fisher
+        self.batch_averaged = batch_averaged
+        self.active = False
+        self.captured: dict[LayerBlock, Captured] = {b: Captured() for b in self.blocks}
+        self._handles: list[RemovableHandle] = [
+            b.module.register_forward_hook(self._forward_hook(b)) for b in self.blocks
+        ]
+
+    def _forward_hook(self, block: LayerBlock):  # type: ignore[no-untyped-def]
+        def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
+            if not self.active or not torch.is_grad_enabled() or not output.requires_grad:
+                return
+            store = self.captured[block]
+            store.inputs.append(block.adapter.inputs(module, args[0].detach()))
+            if self.fisher == "empirical":
+                output.register_hook(lambda g: self._store_grad(block, g))
+            else:
+                store.outputs.append(output)
+
+        return hook
+
+    def _store_grad(self, block: LayerBlock, grad: Tensor) -> None:
+        g = block.adapter.output_grads(block.module, grad.detach())
+        if self.batch_averaged:
+            g = g * g.shape[0]
+        self.captured[block].grads.append(g)
+
+    def sample_fisher(
+        self, output: Tensor, kind: LossKind, generator: torch.Generator | None = None
+    ) -> None:
+        """Capture ``g`` for the true Fisher: one backward of a sampled-label loss.
+
+        Call after the forward pass and *before* ``loss.backward()`` on steps where
+        the optimizer's ``wants_statistics`` is true. Parameter ``.grad`` is untouched.
+        """
+        if not self.active:
+            return
+        if self.fisher != "true":
+            raise RuntimeError("sample_fisher needs the optimizer built with fisher='true'")
+        blocks = [b for b in self.blocks if self.captured[b].outputs]
+        if not blocks:
+            raise RuntimeError("sample_fisher found no captured forward pass in this step")
+        outs = [o for b in blocks for o in self.captured[b].outputs]
+        grads = torch.autograd.grad(
+            sample_loss(output, kind, generator), outs, retain_graph=True, allow_unused=True
+        )
+        it = iter(grads)
+        for b in blocks:
+            for out in self.captured[b].outputs:
+                g = next(it)
+                self._store_grad(b, torch.zeros_like(out) if g is None else g)
+            self.captured[b].outputs.clear()
+
+    def pop(self, block: LayerBlock) -> list[tuple[Tensor, Tensor]]:
+        """This step's ``(x, g)`` pairs for ``block``, and forget them."""
+        pairs = self.captured[block].pairs()
+        self.captured[block] = Captured()
+        return pairs
+
+    def clear(self) -> None:
+        for b in self.blocks:
+            self.captured[b] = Captured()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()

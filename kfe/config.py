@@ -1,0 +1,152 @@
+"""Configuration: frozen pydantic v2 models; the rule section is built from the registry.
+
+:func:`config_model` returns a ``KFEConfig`` class whose ``rule`` and ``fallback``
+fields are a discriminated union (tag ``name``) of the ``Config`` classes of every
+registered rule, so a plugin's rule and its fields appear in validation and in
+:func:`json_schema` with no edit here. A rule may be given as its name alone
+(``rule="ekfac"``) or as a mapping (``rule={"name": "ekfac", "estimator": "batch"}``).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, create_model, model_validator
+
+from kfe.registry import Registry, default_registry
+from kfe.rule import RuleConfig
+
+__all__ = ["KFEConfigBase", "config_model", "json_schema", "load_config"]
+
+
+class KFEConfigBase(BaseModel):
+    """Every setting of :class:`kfe.KFEOptimizer` except the rule sections."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+    _registry: ClassVar[Registry]
+
+    lr: float = Field(1e-3, ge=0)
+    """Learning rate (a ``param_groups`` entry: schedulers may change it)."""
+    damping: float = Field(1e-3, ge=0)
+    """Tikhonov damping added to the rule's curvature diagonal (a ``param_groups`` entry)."""
+    momentum: float = Field(0.0, ge=0)
+    """Heavy-ball momentum on the parameter-space direction, as in ``torch.optim.SGD``."""
+    dampening: float = Field(0.0, ge=0, le=1)
+    """Momentum dampening, as in ``torch.optim.SGD``."""
+    nesterov: bool = False
+    """Nesterov momentum, as in ``torch.optim.SGD`` (needs momentum > 0, dampening = 0)."""
+    weight_decay: float = Field(0.0, ge=0)
+    """Weight-decay coefficient."""
+    weight_decay_style: Literal["decoupled", "l2"] = "decoupled"
+    """``decoupled``: ``p *= 1 - lr * wd`` outside the rule (AdamW); ``l2``: ``wd * p`` is
+    added to the gradient before the rule (``torch.optim.SGD``'s weight decay)."""
+    factor_every: PositiveInt = 10
+    """Update the Kronecker-factor EMAs every this many steps."""
+    basis_every: PositiveInt = 100
+    """Recompute the eigenbasis every this many steps (the expensive part)."""
+    lambda_every: PositiveInt = 10
+    """Update per-example KFE statistics (EKFAC's Lambda) every this many steps."""
+    factor_decay: float = Field(0.95, ge=0, lt=1)
+    """EMA decay of the factors: ``A <- decay * A + (1 - decay) * A_batch``."""
+    fisher: Literal["empirical", "true"] = "empirical"
+    """``empirical``: training labels, no extra call; ``true``: labels sampled from the
+    model (call ``optimizer.sample_fisher(output, kind)`` before ``loss.backward()``)."""
+    batch_averaged: bool = True
+    """The loss is a mean over the batch (captured gradients are rescaled by ``n``)."""
+    eigh_dtype: Literal["float32", "float64"] | None = None
+    """Dtype of the first ``eigh`` try (default: the factor's); float64 is the retry."""
+    lambda_chunk_mb: PositiveInt = 64
+    """Memory cap (MiB) on per-example projected gradients with several positions."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _rule_names(cls, data: Any) -> Any:
+        if not isinstance(data, Mapping):
+            return data
+        data = dict(data)
+        for key in ("rule", "fallback"):
+            value = data.get(key)
+            if isinstance(value, str):
+                value = {"name": value}
+            if isinstance(value, Mapping):
+                name = value.get("name")
+                if name not in cls._registry.rules:
+                    known = ", ".join(sorted(cls._registry.rules))
+                    raise ValueError(f"{key}: unknown rule {name!r}; registered rules: {known}")
+                data[key] = value
+        return data
+
+    @model_validator(mode="after")
+    def _fallback_needs_nothing(self) -> KFEConfigBase:
+        fallback: RuleConfig = getattr(self, "fallback")  # noqa: B009
+        needs = self._registry.rules[fallback.name].needs
+        if needs:
+            usable = sorted(n for n, r in self._registry.rules.items() if not r.needs)
+            raise ValueError(
+                f"fallback: rule {fallback.name!r} needs {sorted(s.value for s in needs)}, "
+                f"which parameters outside tracked layers do not have; usable: {usable}"
+            )
+        if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
+            raise ValueError("nesterov: needs momentum > 0 and dampening = 0")
+        return self
+
+    @property
+    def rule_config(self) -> RuleConfig:
+        return getattr(self, "rule")  # noqa: B009
+
+    @property
+    def fallback_config(self) -> RuleConfig:
+        return getattr(self, "fallback")  # noqa: B009
+
+    def group_defaults(self) -> dict[str, Any]:
+        """The hyperparameters that live in ``param_groups``."""
+        keys = ("lr", "damping", "momentum", "dampening", "nesterov", "weight_decay")
+        return {k: getattr(self, k) for k in keys}
+
+
+@functools.cache
+def config_model(registry: Registry | None = None) -> type[KFEConfigBase]:
+    """The ``KFEConfig`` model for the rules of ``registry`` (default: installed plugins)."""
+    registry = registry or default_registry()
+    configs = tuple(rule.Config for rule in registry.rules.values())
+    if not configs:
+        raise ValueError("no rule is registered: is the kfe package installed?")
+    union: Any = Annotated[Union[configs], Field(discriminator="name")]  # noqa: UP007
+    if len(configs) == 1:
+        union = configs[0]
+
+    def default(name: str) -> Any:
+        return registry.rules[name].Config.model_validate({}) if name in registry.rules else ...
+
+    model = create_model(
+        "KFEConfig",
+        __base__=KFEConfigBase,
+        rule=(union, Field(default("ekfac"), description="The diagonal rule in the KFE.")),
+        fallback=(union, Field(default("sgd"), description="Rule for untracked parameters.")),
+    )
+    model._registry = registry
+    return model
+
+
+def load_config(
+    source: str | Path | Mapping[str, Any], registry: Registry | None = None
+) -> KFEConfigBase:
+    """Validate a config from a mapping or a ``.yaml``/``.yml``/``.json`` file."""
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        text = path.read_text()
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        if not isinstance(data, Mapping):
+            raise ValueError(f"{path}: the config must be a mapping, not {type(data).__name__}")
+        source = data
+    return config_model(registry).model_validate(dict(source))
+
+
+def json_schema(registry: Registry | None = None) -> dict[str, Any]:
+    """The JSON Schema of the config, with every registered rule's fields."""
+    return config_model(registry).model_json_schema()

@@ -1,0 +1,82 @@
+"""Batch statistics from captured ``x`` (``(n, T, d_in[+1])``) and ``g`` (``(n, T, d_out)``).
+
+Scaling convention for weight sharing (``T`` positions per example: sequence tokens,
+conv patches), the "expand" convention of Eschenhagen et al. (2023), also used by
+curvlinops:
+
+.. math::
+
+    A = \\frac{1}{nT} \\sum_{i,t} x_{i,t} x_{i,t}^\\top, \\qquad
+    B = \\frac{1}{n} \\sum_{i,t} g_{i,t} g_{i,t}^\\top ,
+
+so that ``A (x) B`` is exact for ``T = 1`` and equals ``T * E_t[x x^T] (x) E_t[g g^T]``
+otherwise. The EKFAC diagonal is the per-example second moment in the KFE,
+
+.. math::
+
+    \\Lambda = \\frac1n \\sum_i \\big(U_B^\\top G_i U_A\\big)^{\\odot 2}, \\qquad
+    G_i = \\sum_t g_{i,t} x_{i,t}^\\top .
+
+For ``T = 1`` this is ``(1/n) (g U_B)^{2\\top} (x U_A)^2``: two thin matmuls and one
+product of squares, never a ``(n, d_out, d_in)`` tensor. For ``T > 1`` the sum over
+``t`` must come before squaring, so per-example projected gradients are formed in
+chunks of the batch whose size keeps them under ``chunk_bytes``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["batch_factors", "squared_projections"]
+
+DEFAULT_CHUNK_BYTES = 64 * 2**20
+
+
+def batch_factors(pairs: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """``(A, B)`` of one step's captures (several forwards count as one larger batch)."""
+    a_sum: Tensor | None = None
+    b_sum: Tensor | None = None
+    n_examples = 0
+    n_positions = 0
+    for x, g in pairs:
+        xf = x.reshape(-1, x.shape[-1])
+        gf = g.reshape(-1, g.shape[-1])
+        a = xf.mT @ xf
+        b = gf.mT @ gf
+        a_sum = a if a_sum is None else a_sum + a
+        b_sum = b if b_sum is None else b_sum + b
+        n_examples += x.shape[0]
+        n_positions += xf.shape[0]
+    assert a_sum is not None and b_sum is not None, "no captures"
+    return a_sum / n_positions, b_sum / n_examples
+
+
+def squared_projections(
+    pairs: Sequence[tuple[Tensor, Tensor]],
+    U_B: Tensor,
+    U_A: Tensor,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> Tensor:
+    """``E_i[(U_B^T G_i U_A)^2]`` over the examples of one step's captures."""
+    total: Tensor | None = None
+    n_examples = 0
+    for x, g in pairs:
+        n, T = x.shape[0], x.shape[1]
+        xp = x @ U_A  # (n, T, d_in)
+        gp = g @ U_B  # (n, T, d_out)
+        if T == 1:
+            part = gp[:, 0].square().mT @ xp[:, 0].square()
+        else:
+            per_example = U_B.shape[0] * U_A.shape[0] * x.element_size()
+            step = max(1, chunk_bytes // per_example)
+            part = torch.zeros(U_B.shape[0], U_A.shape[0], dtype=x.dtype, device=x.device)
+            for s in range(0, n, step):
+                proj = gp[s : s + step].mT @ xp[s : s + step]  # (chunk, d_out, d_in)
+                part += proj.square().sum(0)
+        total = part if total is None else total + part
+        n_examples += n
+    assert total is not None, "no captures"
+    return total / n_examples

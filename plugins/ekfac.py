@@ -1,0 +1,70 @@
+"""``ekfac``: rescale by the exact diagonal second moment in the KFE (George et al., 2018).
+
+.. math::
+
+    \\Lambda_{jk} = \\mathbb E_i\\big[(U_B^\\top G_i U_A)_{jk}^2\\big], \\qquad
+    \\tilde D = \\tilde M \\oslash (\\Lambda + \\lambda).
+
+``Lambda`` is the diagonal of the Fisher block in the KFE and the best diagonal there
+in Frobenius norm. Estimators, updated every ``lambda_every`` steps:
+
+- ``batch``: this minibatch's second moment replaces ``Lambda``;
+- ``ema``: ``Lambda <- decay * Lambda + (1 - decay) * batch`` (the running average).
+
+Basis change: ``reset``. The old ``Lambda`` belongs to the old basis and a second
+moment cannot be rotated exactly, so it is re-estimated from the batch of the refresh
+step (the core always captures there); until one is available (no capture, or a
+non-finite one) K-FAC's ``b (x) a`` stands in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal, NamedTuple
+
+from pydantic import Field
+from torch import Tensor
+
+from kfe import BasisPolicy, Rule, RuleConfig, RuleContext, Statistic, hookimpl
+
+
+class EKFACConfig(RuleConfig):
+    name: Literal["ekfac"] = "ekfac"
+    estimator: Literal["batch", "ema"] = "ema"
+    """``batch``: Lambda from the latest minibatch; ``ema``: running average."""
+    decay: float = Field(0.95, ge=0, lt=1)
+    """EMA decay of Lambda (``ema`` estimator only)."""
+
+
+class EKFACState(NamedTuple):
+    scale: Tensor | None = None
+    """Lambda, shaped like the block's KFE coordinates; ``None`` after a reset."""
+
+
+class EKFAC(Rule[EKFACConfig]):
+    name = "ekfac"
+    Config = EKFACConfig
+    State = EKFACState
+    needs = frozenset({Statistic.SQUARED_PROJECTIONS, Statistic.EIGENVALUES})
+    policies = (BasisPolicy.RESET,)
+
+    def update(self, grad: Tensor, state: Any, ctx: RuleContext) -> tuple[Tensor, Any]:
+        scale, fresh = state.scale, ctx.squared_projections
+        if fresh is not None:
+            if scale is None or self.config.estimator == "batch":
+                scale = fresh
+            else:
+                scale = scale.lerp(fresh, 1 - self.config.decay)
+        denominator = ctx.eigenvalue_product() if scale is None else scale
+        return grad / (denominator + ctx.damping), EKFACState(scale)
+
+    def reset(self, state: Any, like: Tensor, ctx: RuleContext) -> Any:
+        return EKFACState(None)
+
+    def diagonal(self, state: Any, ctx: RuleContext) -> Tensor | None:
+        return state.scale if state.scale is not None else ctx.eigenvalue_product()
+
+
+@hookimpl
+def kfe_rules() -> Sequence[type[Rule[Any]]]:
+    return [EKFAC]

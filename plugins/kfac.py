@@ -1,0 +1,93 @@
+"""``kfac``: K-FAC as a diagonal in the KFE, ``Lambda = b (x) a``.
+
+Damping modes:
+
+- ``product`` (default): :math:`\\tilde D = \\tilde M \\oslash (b a^\\top + \\lambda)`,
+  i.e. ``(A (x) B + lambda I)^{-1} grad``.
+- ``split``: :math:`\\tilde D = \\tilde M \\oslash ((b + \\lambda_B)(a + \\lambda_A)^\\top)`,
+  i.e. ``((A + lambda_A I) (x) (B + lambda_B I))^{-1} grad``, with Martens and Grosse's
+  (2015, §6.3) ``pi = sqrt((tr A / dim A) / (tr B / dim B))``, ``lambda_A = pi sqrt(lambda)``,
+  ``lambda_B = sqrt(lambda) / pi`` (``pi = 1`` with ``pi_correction=False``).
+  The diagonal is an outer product, so the update is applied in parameter space as
+  ``(B + lambda_B I)^{-1} G (A + lambda_A I)^{-1}``: two matmuls by inverses cached
+  at each refresh (recomputed if the damping changes) instead of four rotations.
+
+Basis change: the rule keeps no KFE-coordinate state (``keep``; the cache is rebuilt).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+from kfe import Rule, RuleConfig, RuleContext, Statistic, hookimpl
+
+
+class KFACConfig(RuleConfig):
+    name: Literal["kfac"] = "kfac"
+    damping_mode: Literal["product", "split"] = "product"
+    """``product``: damping added to ``b a^T``; ``split``: split between the factors."""
+    pi_correction: bool = True
+    """Split damping by Martens and Grosse's pi (``split`` mode only)."""
+
+
+class KFACState(NamedTuple):
+    inv_B: Tensor | None = None
+    """``(B + lambda_B I)^{-1}``, cached for the ``split`` mode."""
+    inv_A: Tensor | None = None
+    """``(A + lambda_A I)^{-1}``, cached for the ``split`` mode."""
+    damping: float = math.nan
+    """The damping the cache was built with."""
+
+
+class KFAC(Rule[KFACConfig]):
+    name = "kfac"
+    Config = KFACConfig
+    State = KFACState
+    needs = frozenset({Statistic.EIGENVALUES})
+
+    def split_damping(self, ctx: RuleContext) -> tuple[float, float]:
+        """``(lambda_B, lambda_A)`` for the ``split`` mode."""
+        assert ctx.eigenvalues is not None
+        b, a = ctx.eigenvalues
+        pi = 1.0
+        if self.config.pi_correction:
+            mean_a, mean_b = a.mean().item(), b.mean().item()
+            if mean_a > 0 and mean_b > 0:
+                pi = math.sqrt(mean_a / mean_b)
+        root = math.sqrt(ctx.damping)
+        return root / pi, root * pi
+
+    def update(self, grad: Tensor, state: Any, ctx: RuleContext) -> tuple[Tensor, Any]:
+        b, a = ctx.eigenvalues or (None, None)
+        assert a is not None and b is not None
+        if self.config.damping_mode == "product":
+            return grad / (torch.outer(b, a) + ctx.damping), state
+        d_b, d_a = self.split_damping(ctx)
+        return grad / torch.outer(b + d_b, a + d_a), state
+
+    def on_refresh(self, state: Any, ctx: RuleContext) -> Any:
+        if self.config.damping_mode != "split":
+            return state
+        assert ctx.basis is not None and ctx.eigenvalues is not None
+        (U_B, U_A), (b, a) = ctx.basis, ctx.eigenvalues
+        d_b, d_a = self.split_damping(ctx)
+        inv_B = (U_B / (b + d_b)) @ U_B.mT
+        inv_A = (U_A / (a + d_a)) @ U_A.mT
+        return KFACState(inv_B, inv_A, ctx.damping)
+
+    def precondition(self, grad: Tensor, state: Any, ctx: RuleContext) -> tuple[Tensor, Any] | None:
+        if self.config.damping_mode != "split":
+            return None
+        if state.inv_B is None or state.damping != ctx.damping:
+            state = self.on_refresh(state, ctx)
+        return state.inv_B @ grad @ state.inv_A, state
+
+
+@hookimpl
+def kfe_rules() -> Sequence[type[Rule[Any]]]:
+    return [KFAC]

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Install kfe with its dev tools. torch is pinned to the CPU build first so that the
+# package's own range (torch>=2.1) does not pull a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m pip install -q "torch==2.13.0"
+python3 -m pip install -q -e ".[dev]"

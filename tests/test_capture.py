@@ -1,0 +1,110 @@
+"""Capture: batch-mean scaling undone, true (Monte Carlo) Fisher for MSE, CE and BCE."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from kfe import KFEOptimizer, inspect_layer
+
+
+def one_step(model, opt, loss_fn, x, sample: str | None = None) -> None:
+    opt.zero_grad()
+    out = model(x)
+    if sample is not None:
+        opt.sample_fisher(out, sample, generator=torch.Generator().manual_seed(0))
+    loss_fn(out).backward()
+    opt.step()
+
+
+def test_mean_and_sum_losses_give_the_same_factors(registry) -> None:
+    x, y = torch.randn(10, 4), torch.randn(10, 3)
+
+    def per_example(o: torch.Tensor) -> torch.Tensor:
+        return (o - y).square().mean(1)  # l_i: mean over the 3 outputs
+
+    factors = []
+    for averaged, reduce in [(True, torch.mean), (False, torch.sum)]:
+        torch.manual_seed(0)
+        model = nn.Linear(4, 3)
+        opt = KFEOptimizer(model, registry=registry, batch_averaged=averaged, lr=0.0)
+        one_step(model, opt, lambda o, reduce=reduce: reduce(per_example(o)), x)
+        layer = inspect_layer(opt, model)
+        factors.append((layer.A, layer.B))
+    torch.testing.assert_close(factors[0][0], factors[1][0])
+    torch.testing.assert_close(factors[0][1], factors[1][1])
+    with torch.no_grad():  # lr=0: the model is the one the step saw
+        g = 2 * (model(x) - y) / 3  # dl_i/dh_i
+    torch.testing.assert_close(factors[0][1], g.T @ g / 10, rtol=1e-5, atol=1e-6)
+
+
+def head_factor(
+    registry, loss: str, out_dim: int, n: int = 20000
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """B of a linear head under the true Fisher, and the input logits it saw."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, out_dim)
+    opt = KFEOptimizer(model, registry=registry, fisher="true", lr=0.0)
+    x = torch.randn(n, 3)
+    one_step(model, opt, lambda o: o.sum() * 0, x, sample=loss)
+    with torch.no_grad():
+        logits = model(x)
+    return inspect_layer(opt, model).B, logits
+
+
+def test_true_fisher_mse_matches_gauss_newton(registry) -> None:
+    B, _ = head_factor(registry, "mse", 4)
+    # y ~ N(f, I/2), l_i = ||f - y||^2 / k with k = 4: E[g g^T] = 4 (1/2) / k^2 I
+    torch.testing.assert_close(B, torch.eye(4) * 2 / 16, atol=0.005, rtol=0)
+
+
+def test_true_fisher_cross_entropy_matches_hessian(registry) -> None:
+    B, logits = head_factor(registry, "cross_entropy", 3)
+    p = logits.softmax(-1)
+    hessian = (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]).mean(0)
+    torch.testing.assert_close(B, hessian, atol=0.01, rtol=0)
+
+
+def test_true_fisher_bce_matches_hessian(registry) -> None:
+    B, logits = head_factor(registry, "bce", 2)
+    s = torch.sigmoid(logits)
+    fisher = torch.diag((s * (1 - s)).mean(0)) / 2**2  # l_i averages k=2 outputs: 1/k^2
+    torch.testing.assert_close(B, fisher, atol=0.005, rtol=0)
+
+
+def test_sample_fisher_leaves_grads_and_skips_idle_steps(registry) -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    opt = KFEOptimizer(model, registry=registry, fisher="true", factor_every=2, basis_every=2)
+    x, y = torch.randn(6, 3), torch.randint(0, 2, (6,))
+    out = model(x)
+    opt.sample_fisher(out, "cross_entropy")
+    assert all(p.grad is None for p in model.parameters())
+    assert all(opt.capture.captured[b].grads for b in opt.blocks)
+    nn.functional.cross_entropy(out, y).backward()
+    opt.step()
+    assert not opt.wants_statistics  # step 1 updates nothing: sample_fisher is a no-op
+    opt.zero_grad()
+    out = model(x)
+    opt.sample_fisher(out, "cross_entropy")
+    assert not any(opt.capture.captured[b].grads for b in opt.blocks)
+
+
+def test_sample_fisher_misuse(registry) -> None:
+    model = nn.Linear(3, 2)
+    opt = KFEOptimizer(model, registry=registry)
+    with pytest.raises(RuntimeError, match="fisher='true'"):
+        opt.sample_fisher(model(torch.randn(2, 3)), "mse")
+    opt = KFEOptimizer(model, registry=registry, fisher="true")
+    with pytest.raises(ValueError, match="'cross_entropy', 'mse', 'bce'"):
+        opt.sample_fisher(model(torch.randn(2, 3)), "hinge")  # type: ignore[arg-type]
+
+
+def test_empirical_fisher_needs_no_extra_call(registry) -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(inplace=True), nn.Linear(4, 2))
+    opt = KFEOptimizer(model, registry=registry)
+    nn.functional.cross_entropy(model(torch.randn(6, 3)), torch.randint(0, 2, (6,))).backward()
+    opt.step()
+    for b in opt.blocks:
+        layer = inspect_layer(opt, b.name)
+        assert layer.A is not None and layer.B is not None and layer.B.abs().sum() > 0

@@ -1,0 +1,180 @@
+"""The torch.optim contract: param_groups, schedulers, closure, state_dict round trip."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from kfe import KFEOptimizer
+
+
+def make_model() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(3 * 6 * 6, 8),
+        nn.LayerNorm(8),
+        nn.Tanh(),
+        nn.Linear(8, 4),
+    )
+
+
+def data(n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 1, 6, 6, generator=g), torch.randint(0, 4, (n,), generator=g)
+
+
+def train(model: nn.Module, opt: KFEOptimizer, steps: int, seed: int = 0) -> list[float]:
+    x, y = data()
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+SETTINGS = dict(
+    lr=0.05,
+    damping=1e-2,
+    momentum=0.9,
+    weight_decay=1e-3,
+    factor_every=2,
+    basis_every=3,
+    lambda_every=2,
+)
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        "ekfac",
+        {"name": "ekfac", "estimator": "batch"},
+        "kfac",
+        {"name": "kfac", "damping_mode": "split"},
+        "sgd",
+    ],
+)
+def test_resume_is_bit_exact_across_refresh(registry, rule) -> None:
+    torch.manual_seed(0)
+    reference = make_model()
+    start = {k: v.clone() for k, v in reference.state_dict().items()}
+    ref_opt = KFEOptimizer(reference, rule=rule, registry=registry, **SETTINGS)
+    train(reference, ref_opt, 10)
+
+    first = make_model()
+    first.load_state_dict(start)
+    opt = KFEOptimizer(first, rule=rule, registry=registry, **SETTINGS)
+    train(first, opt, 5)
+    buffer = io.BytesIO()
+    torch.save({"model": first.state_dict(), "opt": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+
+    second = make_model()
+    second.load_state_dict(saved["model"])
+    opt2 = KFEOptimizer(second, rule=rule, registry=registry, **SETTINGS)
+    opt2.load_state_dict(saved["opt"])
+    assert opt2.steps_taken == 5
+    train(second, opt2, 5)  # steps 5..9 include the refresh at step 6 and 9
+    for (name, a), b in zip(
+        reference.state_dict().items(), second.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+
+def test_state_dict_roundtrip_keeps_factor_dtype(registry) -> None:
+    model = make_model()
+    opt = KFEOptimizer(model, registry=registry, **SETTINGS)
+    train(model, opt, 3)
+    state = opt.state_dict()
+    opt2 = KFEOptimizer(model, registry=registry, **SETTINGS)
+    opt2.load_state_dict(state)
+    again = opt2.state_dict()
+    assert again["kfe"] == state["kfe"]
+    for key, entry in state["state"].items():
+        for name, value in entry.items():
+            other = again["state"][key][name]
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, other) and value.dtype == other.dtype
+            elif isinstance(value, dict):
+                for k, v in value.items():
+                    assert (v is None and other[k] is None) or torch.equal(v, other[k])
+            else:
+                assert value == other
+
+
+def test_lr_scheduler_drives_param_groups(registry) -> None:
+    model = make_model()
+    opt = KFEOptimizer(model, registry=registry, lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    x, y = data()
+    lrs = []
+    for _ in range(5):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs == pytest.approx([0.1, 0.05, 0.05, 0.025, 0.025])
+
+
+def test_lr_zero_changes_nothing_and_closure_returns_loss(registry) -> None:
+    model = make_model()
+    before = [p.clone() for p in model.parameters()]
+    opt = KFEOptimizer(model, registry=registry, lr=0.0)
+    x, y = data()
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        loss = opt.step(closure)
+        assert isinstance(loss, torch.Tensor)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert opt.steps_taken == 3
+
+
+def test_param_groups_and_frozen_layers(registry) -> None:
+    model = make_model()
+    model[0].requires_grad_(False)
+    head = list(model[6].parameters())
+    rest = [p for p in model.parameters() if p.requires_grad and all(p is not h for h in head)]
+    opt = KFEOptimizer(
+        model, params=[{"params": rest}, {"params": head, "lr": 0.0}], registry=registry, lr=0.1
+    )
+    assert [b.name for b in opt.blocks] == ["3", "6"]
+    frozen_head = [p.clone() for p in head]
+    train(model, opt, 2)
+    assert all(torch.equal(a, b) for a, b in zip(frozen_head, head, strict=True))
+
+
+def test_weight_and_bias_in_different_groups_is_refused(registry) -> None:
+    model = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="same group"):
+        KFEOptimizer(
+            model, params=[{"params": [model.weight]}, {"params": [model.bias]}], registry=registry
+        )
+
+
+def test_capture_only_on_statistic_steps(registry) -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    opt = KFEOptimizer(model, rule="kfac", registry=registry, factor_every=3, basis_every=6)
+    seen = []
+    x = torch.randn(5, 3)
+    for _ in range(7):
+        seen.append(opt.wants_statistics)
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        assert bool(opt.capture.captured[opt.blocks[0]].inputs) == seen[-1]
+        opt.step()
+    assert seen == [True, False, False, True, False, False, True]
