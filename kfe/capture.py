@@ -24,6 +24,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.profiler import record_function
 from torch.utils.hooks import RemovableHandle
 
 from kfe.adapter import LayerAdapter
@@ -125,20 +126,22 @@ class CurvatureCapture:
         def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
             if not self.active or not torch.is_grad_enabled() or not output.requires_grad:
                 return
-            store = self.captured[block]
-            store.inputs.append(block.adapter.inputs(module, args[0].detach()))
-            if self.fisher == "empirical":
-                output.register_hook(lambda g: self._store_grad(block, g))
-            else:
-                store.outputs.append(output)
+            with record_function("kfe/capture"):
+                store = self.captured[block]
+                store.inputs.append(block.adapter.inputs(module, args[0].detach()))
+                if self.fisher == "empirical":
+                    output.register_hook(lambda g: self._store_grad(block, g))
+                else:
+                    store.outputs.append(output)
 
         return hook
 
     def _store_grad(self, block: LayerBlock, grad: Tensor) -> None:
-        g = block.adapter.output_grads(block.module, grad.detach())
-        if self.batch_averaged:
-            g = g * g.shape[0]
-        self.captured[block].grads.append(g)
+        with record_function("kfe/capture"):
+            g = block.adapter.output_grads(block.module, grad.detach())
+            if self.batch_averaged:
+                g = g * g.shape[0]
+            self.captured[block].grads.append(g)
 
     def sample_fisher(
         self, output: Tensor, kind: LossKind, generator: torch.Generator | None = None
