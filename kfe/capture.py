@@ -48,7 +48,7 @@ class LayerBlock:
     def params(self) -> list[nn.Parameter]:
         return [self.weight] if self.bias is None else [self.weight, self.bias]
 
-    def matrix(self, weight: Tensor, bias: Tensor | None) -> Tensor:
+    def matrix(self, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         """Stack a weight-shaped and a bias-shaped tensor into ``(d_out, d_in[+1])``."""
         w = self.adapter.weight_matrix(weight)
         return w if bias is None else torch.cat([w, bias.unsqueeze(1)], dim=1)
@@ -71,14 +71,13 @@ class Captured:
     """What one block captured in the current step (several forwards are stacked)."""
 
     inputs: list[Tensor] = field(default_factory=list)
-    grads: list[Tensor] = field(default_factory=list)
+    grads: list[Tensor | None] = field(default_factory=list)
+    """Slot ``k`` holds the gradient of forward ``k`` (backward visits them in any order)."""
     outputs: list[Tensor] = field(default_factory=list)
 
     def pairs(self) -> list[tuple[Tensor, Tensor]]:
-        """``(x, g)`` pairs, each ``(n, T, d)``; empty unless both sides arrived."""
-        if len(self.inputs) != len(self.grads):
-            return []
-        return list(zip(self.inputs, self.grads, strict=True))
+        """``(x, g)`` pairs, each ``(n, T, d)``, of the forwards whose gradient arrived."""
+        return [(x, g) for x, g in zip(self.inputs, self.grads, strict=True) if g is not None]
 
 
 def sample_loss(output: Tensor, kind: LossKind, generator: torch.Generator | None) -> Tensor:
@@ -128,20 +127,22 @@ class CurvatureCapture:
                 return
             with record_function("kfe/capture"):
                 store = self.captured[block]
+                slot = len(store.inputs)
                 store.inputs.append(block.adapter.inputs(module, args[0].detach()))
+                store.grads.append(None)
                 if self.fisher == "empirical":
-                    output.register_hook(lambda g: self._store_grad(block, g))
+                    output.register_hook(lambda g: self._store_grad(block, slot, g))
                 else:
                     store.outputs.append(output)
 
         return hook
 
-    def _store_grad(self, block: LayerBlock, grad: Tensor) -> None:
+    def _store_grad(self, block: LayerBlock, slot: int, grad: Tensor) -> None:
         with record_function("kfe/capture"):
             g = block.adapter.output_grads(block.module, grad.detach())
             if self.batch_averaged:
                 g = g * g.shape[0]
-            self.captured[block].grads.append(g)
+            self.captured[block].grads[slot] = g
 
     def sample_fisher(
         self, output: Tensor, kind: LossKind, generator: torch.Generator | None = None
@@ -164,9 +165,9 @@ class CurvatureCapture:
         )
         it = iter(grads)
         for b in blocks:
-            for out in self.captured[b].outputs:
+            for slot, out in enumerate(self.captured[b].outputs):
                 g = next(it)
-                self._store_grad(b, torch.zeros_like(out) if g is None else g)
+                self._store_grad(b, slot, torch.zeros_like(out) if g is None else g)
             self.captured[b].outputs.clear()
 
     def pop(self, block: LayerBlock) -> list[tuple[Tensor, Tensor]]:

@@ -195,14 +195,13 @@ class KFEOptimizer(torch.optim.Optimizer):
             return loss
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is None or p in self._bias_params:
-                    continue
                 block = self._block_of_weight.get(p)
-                if block is None:
+                if block is not None:
+                    if any(q.grad is not None for q in block.params):
+                        self._block_step(block, group)
+                elif p.grad is not None and p not in self._bias_params:
                     with record_function("kfe/fallback"):
                         self._fallback_step(p, group)
-                else:
-                    self._block_step(block, group)
         self.capture.clear()
         self._step += 1
         self._arm_capture()
@@ -259,12 +258,9 @@ class KFEOptimizer(torch.optim.Optimizer):
     def _block_step(self, block: LayerBlock, group: dict[str, Any]) -> None:
         cfg = self.config
         st = self.state[block.weight]
-        bias_grad = None
-        if block.bias is not None:
-            bias_grad = block.bias.grad
-            if bias_grad is None:
-                bias_grad = torch.zeros_like(block.bias)
-        grad = block.matrix(cast(Tensor, block.weight.grad), bias_grad)
+        grad = block.matrix(
+            *(torch.zeros_like(p) if p.grad is None else p.grad for p in block.params)
+        )
         if not st:
             d_out, d_in = grad.shape
             st[K.BASIS] = dict(Eigenbasis.identity(d_out, d_in, grad)._asdict())

@@ -178,3 +178,15 @@ def test_capture_only_on_statistic_steps(registry) -> None:
         assert bool(opt.capture.captured[opt.blocks[0]].inputs) == seen[-1]
         opt.step()
     assert seen == [True, False, False, True, False, False, True]
+
+
+def test_bias_updates_when_weight_has_no_grad(registry) -> None:
+    model = nn.Linear(3, 2)
+    opt = KFEOptimizer(model, rule="sgd", registry=registry, lr=1.0)
+    model(torch.randn(4, 3)).sum().backward()
+    model.weight.grad = None
+    bias_before, weight_before = model.bias.clone(), model.weight.clone()
+    expected = bias_before - model.bias.grad
+    opt.step()
+    torch.testing.assert_close(model.bias, expected)
+    torch.testing.assert_close(model.weight, weight_before)

@@ -1,0 +1,471 @@
+"""Brute-force twins: every curvature number ``kfe`` computes, against a dense computation.
+
+The reference side never touches ``kfe``'s code path: per-example gradients come from
+``torch.func`` (``vmap(grad(...))``), layer inputs from the Jacobian of the layer output
+with respect to its weight (no ``F.unfold``), output gradients from ``grad`` of each
+example's own loss, and preconditioned updates from ``torch.linalg.solve`` on dense
+``kron`` matrices (see ``tests/brute.py``). Everything runs in float64 so tolerances are
+tight; the default dtype is never changed.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from kfe_plugins import conv2d, ekfac, kfac, linear, sgd
+from torch import Tensor, nn
+
+import kfe
+
+try:
+    from tests import brute
+except ImportError:  # tests/ is not a package: pytest puts tests/ itself on sys.path
+    import brute
+
+DT = torch.float64
+# the built-in plugins, listed explicitly: the tests do not depend on what is installed
+REGISTRY = kfe.load_registry((linear, conv2d, sgd, kfac, ekfac))
+
+# torch's own notice for padding="same" with an even kernel; irrelevant here
+pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same':UserWarning")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Tiny tensors: OpenMP fan-out only costs time (much of it on a busy 2-core CI box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# -- cases -------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    """A small float64 model, a batch, a mean loss and the tracked layer under test."""
+
+    model: nn.Sequential
+    X: Tensor
+    Y: Tensor
+    loss_fn: brute.LossFn
+    index: int  # the layer under test, ``model[index]``
+    channel_dim: int  # output-feature dim of that layer's output
+
+    @property
+    def name(self) -> str:
+        return str(self.index)
+
+    @property
+    def layer(self) -> nn.Module:
+        return self.model[self.index]
+
+    def loss(self) -> Tensor:
+        return self.loss_fn(self.model(self.X), self.Y)
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _randn(gen: torch.Generator, *shape: int) -> Tensor:
+    return torch.randn(*shape, generator=gen, dtype=DT)
+
+
+def linear_bias() -> Case:
+    torch.manual_seed(0)
+    g = _gen(1)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    return Case(model, _randn(g, 8, 4), _randn(g, 8, 2), brute.mse, 0, -1)
+
+
+def linear_nobias() -> Case:
+    torch.manual_seed(2)
+    g = _gen(3)
+    model = nn.Sequential(nn.Linear(5, 3, bias=False), nn.Tanh(), nn.Linear(3, 4)).double()
+    Y = torch.randint(0, 4, (7,), generator=g)
+    return Case(model, _randn(g, 7, 5), Y, brute.cross_entropy, 0, -1)
+
+
+def linear_last_ce() -> Case:
+    """The output layer under cross-entropy: ``B`` is singular (rows of g sum to 0)."""
+    torch.manual_seed(4)
+    g = _gen(5)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    Y = torch.randint(0, 3, (9,), generator=g)
+    return Case(model, _randn(g, 9, 3), Y, brute.cross_entropy, 2, -1)
+
+
+def linear_sequence() -> Case:
+    """``(n, T, d)`` input: T = 5 positions share the weight; token-level cross-entropy."""
+    torch.manual_seed(6)
+    g = _gen(7)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    Y = torch.randint(0, 3, (6, 5), generator=g)
+    return Case(model, _randn(g, 6, 5, 3), Y, brute.cross_entropy, 0, -1)
+
+
+def linear_sequence_mse() -> Case:
+    """``(n, T, d)`` input, the output layer under test, MSE on every token."""
+    torch.manual_seed(8)
+    g = _gen(9)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    return Case(model, _randn(g, 7, 4, 3), _randn(g, 7, 4, 2), brute.mse, 2, -1)
+
+
+def conv_stride2() -> Case:
+    """Conv2d, stride 2, padding 1: 5x5 -> 3x3, T = 9 patches of 2*3*3 + 1."""
+    torch.manual_seed(10)
+    g = _gen(11)
+    conv = nn.Conv2d(2, 3, kernel_size=3, stride=2, padding=1)
+    model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(27, 3)).double()
+    Y = torch.randint(0, 3, (8,), generator=g)
+    return Case(model, _randn(g, 8, 2, 5, 5), Y, brute.cross_entropy, 0, 1)
+
+
+def conv_same_dilated() -> Case:
+    """Conv2d, ``padding="same"`` with an asymmetric (odd total) pad and dilation."""
+    torch.manual_seed(12)
+    g = _gen(13)
+    conv = nn.Conv2d(2, 3, kernel_size=(2, 3), padding="same", dilation=(1, 2))
+    model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(3 * 4 * 5, 2)).double()
+    return Case(model, _randn(g, 6, 2, 4, 5), _randn(g, 6, 2), brute.mse, 0, 1)
+
+
+def conv_dilated_nobias() -> Case:
+    """Conv2d without bias, dilation 2, stride (1, 2), padding 2."""
+    torch.manual_seed(14)
+    g = _gen(15)
+    conv = nn.Conv2d(2, 2, kernel_size=3, dilation=2, stride=(1, 2), padding=2, bias=False)
+    model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(2 * 5 * 3, 2)).double()
+    return Case(model, _randn(g, 7, 2, 5, 5), _randn(g, 7, 2), brute.mse, 0, 1)
+
+
+CASES: dict[str, Callable[[], Case]] = {
+    f.__name__: f
+    for f in (
+        linear_bias,
+        linear_nobias,
+        linear_last_ce,
+        linear_sequence,
+        linear_sequence_mse,
+        conv_stride2,
+        conv_same_dilated,
+        conv_dilated_nobias,
+    )
+}
+
+ONE_STEP = {"factor_every": 1, "basis_every": 1, "lambda_every": 1}
+
+
+def one_step(case: Case, rule: str | dict, damping: float) -> tuple[kfe.KFEOptimizer, Tensor]:
+    """One step with ``lr=1``: the optimizer and ``D = W_aug(before) - W_aug(after)``."""
+    opt = kfe.KFEOptimizer(
+        case.model, registry=REGISTRY, rule=rule, lr=1.0, damping=damping, **ONE_STEP
+    )
+    before = brute.layer_matrix(case.layer)
+    case.loss().backward()
+    opt.step()
+    return opt, before - brute.layer_matrix(case.layer)
+
+
+@dataclass
+class Dense:
+    """The brute-force side of one case, computed before any step."""
+
+    x: Tensor  # (n, T, d_in[+1])
+    g: Tensor  # (n, T, d_out)
+    G: Tensor  # per-example gradients (n, d_out, d_in[+1])
+    F: Tensor  # dense empirical Fisher
+    grad: Tensor  # vec of the mean-loss gradient
+    A: Tensor
+    B: Tensor
+
+
+@functools.cache
+def dense_of(case_name: str) -> Dense:
+    """The brute-force side of a case, on a fresh (unstepped) copy; cached per case."""
+    return dense(CASES[case_name]())
+
+
+def dense(case: Case) -> Dense:
+    x, g = brute.layer_io(case.model, case.index, case.loss_fn, case.X, case.Y, case.channel_dim)
+    G = brute.per_example_layer_grads(case.model, case.name, case.loss_fn, case.X, case.Y)
+    A, B = brute.factors(x, g)
+    return Dense(x, g, G, brute.dense_fisher(G), G.mean(0).reshape(-1), A, B)
+
+
+def assert_close(actual: Tensor, expected: Tensor, rel: float = 1e-10) -> None:
+    """``|actual - expected| <= rel * max|expected|`` elementwise (plus float64 round-off)."""
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(actual, expected, rtol=rel, atol=rel * scale + 1e-300)
+
+
+def assert_eigenbasis(U: Tensor, values: Tensor, M: Tensor) -> None:
+    """``U`` is orthonormal and ``M U = U diag(values)`` with ``values`` M's spectrum."""
+    eye = torch.eye(U.shape[0], dtype=U.dtype)
+    assert_close(U.mT @ U, eye)
+    assert_close(M @ U, U * values, rel=1e-9)
+    assert_close(values.sort().values, torch.linalg.eigvalsh(M).clamp_min(0), rel=1e-9)
+
+
+case_names = pytest.mark.parametrize("case_name", list(CASES))
+
+
+# -- 1. Kronecker factors --------------------------------------------------------
+
+
+@case_names
+def test_factors_match_explicit_sums(case_name: str) -> None:
+    case = CASES[case_name]()
+    ref = dense_of(case_name)
+    # the two brute-force routes agree: sum_t g_t x_t^T is the torch.func gradient
+    assert_close(torch.einsum("ntj,ntk->njk", ref.g, ref.x), ref.G)
+    # g is d l_i / d h (the per-example loss), not the mean-loss gradient g / n
+    mean_grad = torch.autograd.grad(case.loss(), case.layer.weight)[0]
+    assert_close(ref.G[..., : mean_grad[0].numel()].mean(0), mean_grad.reshape(ref.G.shape[1], -1))
+
+    opt, _ = one_step(case, {"name": "ekfac", "estimator": "batch"}, 1e-2)
+    cur = kfe.inspect_layer(opt, case.name)
+    assert cur.A is not None and cur.B is not None
+    assert cur.A.shape == ref.A.shape and cur.B.shape == ref.B.shape
+    assert_close(cur.A, ref.A)
+    assert_close(cur.B, ref.B)
+    assert_close(cur.kronecker(), torch.kron(ref.B, ref.A))
+    # the basis of step 0 is the eigenbasis of these factors
+    assert_eigenbasis(cur.basis.U_A, cur.basis.a, ref.A)
+    assert_eigenbasis(cur.basis.U_B, cur.basis.b, ref.B)
+
+
+# -- 2. EKFAC's Lambda ----------------------------------------------------------------
+
+
+@case_names
+def test_ekfac_lambda_is_fisher_diagonal_in_kfe(case_name: str) -> None:
+    case = CASES[case_name]()
+    ref = dense_of(case_name)
+    opt, _ = one_step(case, {"name": "ekfac", "estimator": "batch"}, 1e-2)
+    cur = kfe.inspect_layer(opt, case.name)
+    # Lambda is only meaningful in the true eigenbasis of the factors (an identity basis
+    # would make diag(U^T F U) the plain diagonal of F and pass the comparison below)
+    assert_eigenbasis(cur.basis.U_A, cur.basis.a, ref.A)
+    assert_eigenbasis(cur.basis.U_B, cur.basis.b, ref.B)
+    U = torch.kron(cur.basis.U_B, cur.basis.U_A)
+    expected = torch.diagonal(U.mT @ ref.F @ U).reshape(ref.G.shape[1:])
+    assert cur.diagonal is not None
+    assert_close(cur.diagonal, expected)
+    # and the dense EKFAC block has exactly F's diagonal in that basis
+    assert_close(torch.diagonal(U.mT @ cur.dense() @ U), expected.reshape(-1))
+
+
+def test_ekfac_lambda_two_forwards_one_backward() -> None:
+    """``kfe/statistics.py``: several forwards in one step count as one larger batch."""
+    case = linear_bias()
+    X1, X2, Y1, Y2 = case.X[:4], 3 * case.X[4:], case.Y[:4], case.Y[4:]
+    X, Y = torch.cat([X1, X2]), torch.cat([Y1, Y2])
+    F = brute.dense_fisher(brute.per_example_layer_grads(case.model, "0", brute.mse, X, Y))
+    opt = kfe.KFEOptimizer(
+        case.model,
+        registry=REGISTRY,
+        rule={"name": "ekfac", "estimator": "batch"},
+        lr=1.0,
+        **ONE_STEP,
+    )
+    # a sum of per-chunk means: each chunk's rescaled g is exactly d l_i / d h
+    (brute.mse(case.model(X1), Y1) + brute.mse(case.model(X2), Y2)).backward()
+    opt.step()
+    cur = kfe.inspect_layer(opt, "0")
+    U = torch.kron(cur.basis.U_B, cur.basis.U_A)
+    assert cur.diagonal is not None
+    assert_close(cur.diagonal.reshape(-1), torch.diagonal(U.mT @ F @ U))
+
+
+# -- 3. K-FAC update -------------------------------------------------------------------
+
+
+@case_names
+def test_kfac_product_update_is_dense_solve(case_name: str) -> None:
+    case = CASES[case_name]()
+    ref = dense_of(case_name)
+    damping = 3e-2
+    _, D = one_step(case, {"name": "kfac", "damping_mode": "product"}, damping)
+    K = torch.kron(ref.B, ref.A)
+    expected = torch.linalg.solve(K + damping * torch.eye(K.shape[0], dtype=DT), ref.grad)
+    assert_close(D.reshape(-1), expected, rel=1e-9)
+
+
+@case_names
+@pytest.mark.parametrize("pi_correction", [True, False])
+def test_kfac_split_update_is_dense_solve(case_name: str, pi_correction: bool) -> None:
+    case = CASES[case_name]()
+    ref = dense_of(case_name)
+    damping = 3e-2
+    rule = {"name": "kfac", "damping_mode": "split", "pi_correction": pi_correction}
+    _, D = one_step(case, rule, damping)
+    pi = 1.0
+    if pi_correction:
+        mean_a = torch.trace(ref.A).item() / ref.A.shape[0]
+        mean_b = torch.trace(ref.B).item() / ref.B.shape[0]
+        pi = math.sqrt(mean_a / mean_b)
+    d_A, d_B = pi * math.sqrt(damping), math.sqrt(damping) / pi
+    A_d = ref.A + d_A * torch.eye(ref.A.shape[0], dtype=DT)
+    B_d = ref.B + d_B * torch.eye(ref.B.shape[0], dtype=DT)
+    expected = torch.linalg.solve(torch.kron(B_d, A_d), ref.grad)
+    assert_close(D.reshape(-1), expected, rel=1e-9)
+
+
+# -- 4. EKFAC update -------------------------------------------------------------------
+
+
+@case_names
+def test_ekfac_update_is_dense(case_name: str) -> None:
+    case = CASES[case_name]()
+    ref = dense_of(case_name)
+    damping = 2e-2
+    opt, D = one_step(case, {"name": "ekfac", "estimator": "batch"}, damping)
+    basis = kfe.inspect_layer(opt, case.name).basis
+    assert_eigenbasis(basis.U_A, basis.a, ref.A)
+    assert_eigenbasis(basis.U_B, basis.b, ref.B)
+    U = torch.kron(basis.U_B, basis.U_A)
+    lam = torch.diagonal(U.mT @ ref.F @ U)
+    expected = U @ ((U.mT @ ref.grad) / (lam + damping))
+    assert_close(D.reshape(-1), expected, rel=1e-9)
+
+
+# -- 5. EKFAC is the best diagonal in the KFE ------------------------------------------
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    d_in=st.integers(1, 4),
+    d_out=st.integers(1, 3),
+    n=st.integers(1, 6),
+    T=st.integers(1, 3),
+    bias=st.booleans(),
+    hidden=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_ekfac_no_worse_than_kfac_in_frobenius(
+    d_in: int, d_out: int, n: int, T: int, bias: bool, hidden: bool, seed: int
+) -> None:
+    torch.manual_seed(seed)
+    gen = _gen(seed)
+    layers: list[nn.Module] = [nn.Linear(d_in, d_out, bias=bias)]
+    if hidden:
+        layers += [nn.Tanh(), nn.Linear(d_out, 2)]
+    model = nn.Sequential(*layers).double()
+    shape = (n, d_in) if T == 1 else (n, T, d_in)
+    X = _randn(gen, *shape) * (1 + 2 * torch.rand((), generator=gen, dtype=DT))
+    Y = torch.randn(model(X).shape, generator=gen, dtype=DT)
+    case = Case(model, X, Y, brute.mse, 0, -1)
+
+    F = brute.dense_fisher(
+        brute.per_example_layer_grads(model, "0", brute.mse, X, Y)  # before the step
+    )
+    opt, _ = one_step(case, {"name": "ekfac", "estimator": "batch"}, 1e-3)
+    cur = kfe.inspect_layer(opt, "0")
+    err_ekfac = torch.linalg.matrix_norm(F - cur.dense()).item()
+    err_kfac = torch.linalg.matrix_norm(F - cur.kronecker()).item()
+    assert err_ekfac <= err_kfac + 1e-12 * max(1.0, torch.linalg.matrix_norm(F).item())
+
+
+# -- 6. SGD in the KFE is torch.optim.SGD ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("nesterov", "dampening"), [(False, 0.0), (True, 0.0), (False, 0.3)], ids=str
+)
+def test_sgd_rule_in_kfe_matches_torch_sgd(nesterov: bool, dampening: float) -> None:
+    torch.manual_seed(20)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    twin = copy.deepcopy(model)
+    hyper = {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-2, "nesterov": nesterov}
+    hyper["dampening"] = dampening
+    opt = kfe.KFEOptimizer(
+        model,
+        registry=REGISTRY,
+        rule="sgd",
+        weight_decay_style="l2",
+        factor_every=1,
+        basis_every=5,
+        **hyper,
+    )
+    ref = torch.optim.SGD(twin.parameters(), **hyper)
+    gen = _gen(21)
+    for step in range(20):
+        X, Y = _randn(gen, 10, 4), _randn(gen, 10, 3)
+        for m, o in ((model, opt), (twin, ref)):
+            o.zero_grad()
+            brute.mse(m(X), Y).backward()
+            o.step()
+        for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12, msg=f"step {step}")
+    # the KFE was a genuine rotation, not the identity, when SGD was reproduced
+    U_A = kfe.inspect_layer(opt, "0").basis.U_A
+    assert (U_A - torch.eye(5, dtype=DT)).abs().max() > 0.1
+
+
+# -- 7. parameter-space fallback is torch.optim.SGD, bit for bit -------------------------
+
+
+class WithUntracked(nn.Module):
+    """Embedding and LayerNorm (fallback) around tracked Linear layers, float32."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(11, 4)
+        self.fc = nn.Linear(4, 6)
+        self.norm = nn.LayerNorm(6)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.out(self.norm(torch.tanh(self.fc(self.embed(tokens))))).mean(1)
+
+
+@pytest.mark.parametrize("rule", ["ekfac", "sgd"])
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_fallback_is_torch_sgd_bitwise(rule: str, nesterov: bool) -> None:
+    torch.manual_seed(30)
+    model = WithUntracked()
+    hyper = {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-2, "nesterov": nesterov}
+    opt = kfe.KFEOptimizer(
+        model,
+        rule=rule,
+        fallback="sgd",
+        weight_decay_style="l2",
+        factor_every=1,
+        basis_every=2,
+        lambda_every=1,
+        damping=1e-2,
+        **hyper,
+    )
+    tracked = {id(p) for b in opt.blocks for p in b.params}
+    untracked = [p for p in model.parameters() if id(p) not in tracked]
+    assert len(untracked) == 3  # embedding weight, LayerNorm weight and bias
+    # the reference gets the same gradients each step, so only the update rule is compared
+    twins = [nn.Parameter(p.detach().clone()) for p in untracked]
+    ref = torch.optim.SGD(twins, **hyper)
+    gen = _gen(31)
+    for step in range(6):
+        tokens = torch.randint(0, 11, (8, 5), generator=gen)
+        Y = torch.randint(0, 3, (8,), generator=gen)
+        opt.zero_grad()
+        ref.zero_grad()
+        brute.cross_entropy(model(tokens), Y).backward()
+        for p, q in zip(untracked, twins, strict=True):
+            assert p.grad is not None
+            q.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+        for p, q in zip(untracked, twins, strict=True):
+            assert p.dtype == torch.float32
+            assert torch.equal(p, q), f"step {step}: {(p - q).abs().max().item()}"
