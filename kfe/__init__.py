@@ -18,11 +18,14 @@ from kfe.inspection import LayerCurvature, inspect_layer
 from kfe.optimizer import KFEOptimizer
 from kfe.registry import PluginError, Registry, default_registry, load_registry
 from kfe.rule import BasisPolicy, Rule, RuleConfig, RuleContext, Statistic
+from kfe.source import BasisSource, BasisSourceConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BasisPolicy",
+    "BasisSource",
+    "BasisSourceConfig",
     "Eigenbasis",
     "KFEOptimizer",
     "LayerAdapter",

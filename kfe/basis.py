@@ -47,6 +47,32 @@ class Eigenbasis(NamedTuple):
         """KFE coordinates to parameter space: ``U_B M U_A^T``."""
         return self.U_B @ matrix @ self.U_A.mT
 
+    def aligned_to(self, old: Eigenbasis) -> Eigenbasis:
+        """This basis with its eigenvectors reordered to follow ``old``'s.
+
+        Column ``i`` of the result is the new eigenvector that overlaps most with old
+        column ``i`` (``|U_old^T U_new|``, matched greedily by decreasing overlap), so
+        a refresh that only re-sorts the eigenvalues leaves every index in place.
+        """
+        perm_B = _match(old.U_B, self.U_B)
+        perm_A = _match(old.U_A, self.U_A)
+        return Eigenbasis(self.U_B[:, perm_B], self.b[perm_B], self.U_A[:, perm_A], self.a[perm_A])
+
     def rotation_to(self, new: Eigenbasis) -> tuple[Tensor, Tensor]:
         """``(R_B, R_A)`` with ``R = U^T U'``, so new coordinates are ``R_B^T M R_A``."""
         return self.U_B.mT @ new.U_B, self.U_A.mT @ new.U_A
+
+
+def _match(old: Tensor, new: Tensor) -> Tensor:
+    """``perm`` with ``new[:, perm[i]]`` the column best matching ``old[:, i]``."""
+    overlap = (old.mT @ new).abs()
+    best = overlap.argmax(dim=1)
+    if torch.unique(best).numel() == best.numel():
+        return best
+    perm = torch.empty_like(best)
+    taken = torch.zeros(overlap.shape[1], dtype=torch.bool, device=overlap.device)
+    for i in overlap.amax(dim=1).argsort(descending=True).tolist():
+        j = overlap[i].masked_fill(taken, -1.0).argmax()
+        perm[i] = j
+        taken[j] = True
+    return perm

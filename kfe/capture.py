@@ -27,43 +27,11 @@ from torch import Tensor, nn
 from torch.autograd.profiler import record_function
 from torch.utils.hooks import RemovableHandle
 
-from kfe.adapter import LayerAdapter
+from kfe.block import LayerBlock
 
-__all__ = ["Captured", "CurvatureCapture", "LayerBlock", "LossKind"]
+__all__ = ["Captured", "CurvatureCapture", "LossKind"]
 
 LossKind = Literal["cross_entropy", "mse", "bce"]
-
-
-@dataclass(eq=False)
-class LayerBlock:
-    """One tracked layer: weight and optional bias, seen as ``W`` of ``(d_out, d_in+1)``."""
-
-    name: str
-    module: nn.Module
-    adapter: LayerAdapter
-    weight: nn.Parameter
-    bias: nn.Parameter | None
-
-    @property
-    def params(self) -> list[nn.Parameter]:
-        return [self.weight] if self.bias is None else [self.weight, self.bias]
-
-    def matrix(self, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-        """Stack a weight-shaped and a bias-shaped tensor into ``(d_out, d_in[+1])``."""
-        w = self.adapter.weight_matrix(weight)
-        return w if bias is None else torch.cat([w, bias.unsqueeze(1)], dim=1)
-
-    def split(self, matrix: Tensor) -> list[Tensor]:
-        """Inverse of :meth:`matrix`: views shaped like :attr:`params`."""
-        if self.bias is None:
-            return [matrix.reshape(self.weight.shape)]
-        return [matrix[:, :-1].reshape(self.weight.shape), matrix[:, -1]]
-
-    def augment(self, x: Tensor) -> Tensor:
-        """Append the homogeneous coordinate (a column of ones) when there is a bias."""
-        if self.bias is None:
-            return x
-        return torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
 
 
 @dataclass
@@ -117,9 +85,10 @@ class CurvatureCapture:
         self.batch_averaged = batch_averaged
         self.active = False
         self.captured: dict[LayerBlock, Captured] = {b: Captured() for b in self.blocks}
-        self._handles: list[RemovableHandle] = [
-            b.module.register_forward_hook(self._forward_hook(b)) for b in self.blocks
-        ]
+        self._handles: list[RemovableHandle] = []
+        for b in self.blocks:
+            assert b.module is not None, "only layers with an adapter are captured"
+            self._handles.append(b.module.register_forward_hook(self._forward_hook(b)))
 
     def _forward_hook(self, block: LayerBlock):  # type: ignore[no-untyped-def]
         def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
@@ -128,6 +97,7 @@ class CurvatureCapture:
             with record_function("kfe/capture"):
                 store = self.captured[block]
                 slot = len(store.inputs)
+                assert block.adapter is not None
                 store.inputs.append(block.adapter.inputs(module, args[0].detach()))
                 store.grads.append(None)
                 if self.fisher == "empirical":
@@ -139,6 +109,7 @@ class CurvatureCapture:
 
     def _store_grad(self, block: LayerBlock, slot: int, grad: Tensor) -> None:
         with record_function("kfe/capture"):
+            assert block.adapter is not None and block.module is not None
             g = block.adapter.output_grads(block.module, grad.detach())
             if self.batch_averaged:
                 g = g * g.shape[0]

@@ -4,7 +4,8 @@
 fields are a discriminated union (tag ``name``) of the ``Config`` classes of every
 registered rule, so a plugin's rule and its fields appear in validation and in
 :func:`json_schema` with no edit here. A rule may be given as its name alone
-(``rule="ekfac"``) or as a mapping (``rule={"name": "ekfac", "estimator": "batch"}``).
+(``rule="ekfac"``) or as a mapping (``rule={"name": "ekfac", "estimator": "batch"}``);
+the ``basis`` field is built the same way from the registered basis sources.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, create_model, model_validator
 
 from kfe.registry import Registry, default_registry
-from kfe.rule import RuleConfig
+from kfe.rule import RuleConfig, Statistic
+from kfe.source import BasisSourceConfig
 
 __all__ = ["KFEConfigBase", "config_model", "json_schema", "load_config"]
 
@@ -65,28 +67,42 @@ class KFEConfigBase(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _rule_names(cls, data: Any) -> Any:
+    def _known_names(cls, data: Any) -> Any:
         if not isinstance(data, Mapping):
             return data
         data = dict(data)
-        for key in ("rule", "fallback"):
+        registry = cls._registry
+        for key, known, kind, plural in (
+            ("rule", registry.rules, "rule", "rules"),
+            ("fallback", registry.rules, "rule", "rules"),
+            ("basis", registry.bases, "basis", "bases"),
+        ):
             value = data.get(key)
             if isinstance(value, str):
                 value = {"name": value}
             if isinstance(value, Mapping):
                 name = value.get("name")
-                if name not in cls._registry.rules:
-                    known = ", ".join(sorted(cls._registry.rules))
-                    raise ValueError(f"{key}: unknown rule {name!r}; registered rules: {known}")
+                if name not in known:
+                    listed = f"registered {plural}: {', '.join(sorted(known))}"
+                    raise ValueError(f"{key}: unknown {kind} {name!r}; {listed}")
                 data[key] = value
         return data
 
     @model_validator(mode="after")
-    def _fallback_needs_nothing(self) -> KFEConfigBase:
-        fallback: RuleConfig = getattr(self, "fallback")  # noqa: B009
-        needs = self._registry.rules[fallback.name].needs
+    def _compatible(self) -> KFEConfigBase:
+        registry = self._registry
+        rule = registry.rules[self.rule_config.name]
+        source = registry.bases[self.basis_config.name]
+        if Statistic.EIGENVALUES in rule.needs and not source.fisher_eigenvalues:
+            with_values = sorted(n for n, b in registry.bases.items() if b.fisher_eigenvalues)
+            raise ValueError(
+                f"basis: rule {rule.name!r} needs Fisher factor eigenvalues, which basis "
+                f"{source.name!r} does not provide; use one of {with_values}"
+            )
+        fallback = self.fallback_config
+        needs = registry.rules[fallback.name].needs
         if needs:
-            usable = sorted(n for n, r in self._registry.rules.items() if not r.needs)
+            usable = sorted(n for n, r in registry.rules.items() if not r.needs)
             raise ValueError(
                 f"fallback: rule {fallback.name!r} needs {sorted(s.value for s in needs)}, "
                 f"which parameters outside tracked layers do not have; usable: {usable}"
@@ -103,6 +119,10 @@ class KFEConfigBase(BaseModel):
     def fallback_config(self) -> RuleConfig:
         return getattr(self, "fallback")  # noqa: B009
 
+    @property
+    def basis_config(self) -> BasisSourceConfig:
+        return getattr(self, "basis")  # noqa: B009
+
     def group_defaults(self) -> dict[str, Any]:
         """The hyperparameters that live in ``param_groups``."""
         keys = ("lr", "damping", "momentum", "dampening", "nesterov", "weight_decay")
@@ -113,21 +133,29 @@ class KFEConfigBase(BaseModel):
 def config_model(registry: Registry | None = None) -> type[KFEConfigBase]:
     """The ``KFEConfig`` model for the rules of ``registry`` (default: installed plugins)."""
     registry = registry or default_registry()
-    configs = tuple(rule.Config for rule in registry.rules.values())
-    if not configs:
-        raise ValueError("no rule is registered: is the kfe package installed?")
-    union: Any = Annotated[Union[configs], Field(discriminator="name")]  # noqa: UP007
-    if len(configs) == 1:
-        union = configs[0]
 
-    def default(name: str) -> Any:
-        return registry.rules[name].Config.model_validate({}) if name in registry.rules else ...
+    def tagged_union(configs: tuple[type[BaseModel], ...], kind: str) -> Any:
+        if not configs:
+            raise ValueError(f"no {kind} is registered: is the kfe package installed?")
+        if len(configs) == 1:
+            return configs[0]
+        return Annotated[Union[configs], Field(discriminator="name")]  # noqa: UP007
+
+    rules = tagged_union(tuple(r.Config for r in registry.rules.values()), "rule")
+    bases = tagged_union(tuple(b.Config for b in registry.bases.values()), "basis")
+
+    def default(known: Mapping[str, Any], name: str) -> Any:
+        return known[name].Config.model_validate({}) if name in known else ...
 
     model = create_model(
         "KFEConfig",
         __base__=KFEConfigBase,
-        rule=(union, Field(default("ekfac"), description="The diagonal rule in the KFE.")),
-        fallback=(union, Field(default("sgd"), description="Rule for untracked parameters.")),
+        rule=(rules, Field(default(registry.rules, "ekfac"), description="The diagonal rule.")),
+        basis=(bases, Field(default(registry.bases, "kfac"), description="The basis source.")),
+        fallback=(
+            rules,
+            Field(default(registry.rules, "sgd"), description="Rule for untracked parameters."),
+        ),
     )
     model._registry = registry
     return model

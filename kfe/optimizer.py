@@ -32,20 +32,23 @@ from torch.autograd.profiler import record_function
 
 from kfe import state_keys as K
 from kfe.basis import Eigenbasis
-from kfe.capture import CurvatureCapture, LayerBlock, LossKind
+from kfe.block import LayerBlock
+from kfe.capture import CurvatureCapture, LossKind
 from kfe.config import KFEConfigBase, config_model
 from kfe.eigh import robust_eigh
 from kfe.registry import Registry, default_registry
-from kfe.rule import Rule, RuleContext, Statistic
-from kfe.statistics import batch_factors, squared_projections
+from kfe.rule import BasisPolicy, Rule, RuleContext, Statistic
+from kfe.source import BasisSource
+from kfe.statistics import squared_projections
 
 __all__ = ["KFEOptimizer"]
 
 
 def find_blocks(
-    model: nn.Module, registry: Registry, params: set[nn.Parameter]
+    model: nn.Module, registry: Registry, params: set[nn.Parameter], source: BasisSource
 ) -> list[LayerBlock]:
-    """The tracked layers of ``model``: modules with an adapter whose weight is optimised."""
+    """The blocks of ``model``: layers with an adapter whose weight is optimised, then
+    (if ``source`` covers them) every other optimised parameter with at least two dims."""
     blocks = []
     for name, module in model.named_modules():
         adapter = registry.adapter_for(module)
@@ -57,6 +60,11 @@ def find_blocks(
         if bias is not None and bias not in params:
             bias = None  # a frozen bias is a constant shift, not a parameter of the block
         blocks.append(LayerBlock(name or type(module).__name__, module, adapter, weight, bias))
+    if source.covers_untracked:
+        taken = {p for b in blocks for p in b.params}
+        for name, p in model.named_parameters():
+            if p in params and p not in taken and p.dim() >= 2:
+                blocks.append(LayerBlock(name, None, None, p, None))
     return blocks
 
 
@@ -111,13 +119,29 @@ class KFEOptimizer(torch.optim.Optimizer):
             params = [p for p in model.parameters() if p.requires_grad]
         super().__init__(params, self.config.group_defaults())
 
+        self.source: BasisSource = self.registry.basis(self.config.basis_config.name)(
+            self.config.basis_config
+        )
         all_params = {p for g in self.param_groups for p in g["params"]}
-        self.blocks = find_blocks(model, self.registry, all_params)
-        if not self.blocks:
+        self.blocks = find_blocks(model, self.registry, all_params, self.source)
+        if not any(b.tracked for b in self.blocks) and self.source.needs_capture:
             kinds = ", ".join(sorted(t.__name__ for t in self.registry.adapters))
             raise ValueError(
                 f"model {type(model).__name__} has no trainable layer of a supported type "
                 f"({kinds}); register a layer adapter plugin for its layers"
+            )
+        if not self.blocks:
+            raise ValueError(
+                f"model {type(model).__name__} has no parameter the basis "
+                f"{self.source.name!r} covers"
+            )
+        untracked = [b.name for b in self.blocks if not b.tracked]
+        if untracked and self._wants_squares:
+            raise ValueError(
+                f"rule {self.rule.name!r} needs per-example statistics, which only layers "
+                f"with an adapter have; basis {self.source.name!r} also covers {untracked}: "
+                f"set basis={{'name': {self.source.name!r}, 'cover_untracked': False}} to "
+                "give them the fallback rule"
             )
         self._block_of_weight = {b.weight: b for b in self.blocks}
         self._bias_params = {b.bias for b in self.blocks if b.bias is not None}
@@ -126,7 +150,9 @@ class KFEOptimizer(torch.optim.Optimizer):
             if len({group_of[p] for p in b.params}) != 1:
                 raise ValueError(f"layer {b.name!r}: weight and bias must be in the same group")
         self.capture = CurvatureCapture(
-            self.blocks, fisher=self.config.fisher, batch_averaged=self.config.batch_averaged
+            [b for b in self.blocks if b.tracked],
+            fisher=self.config.fisher,
+            batch_averaged=self.config.batch_averaged,
         )
         self._step = 0
         self._warned: set[str] = set()
@@ -266,19 +292,21 @@ class KFEOptimizer(torch.optim.Optimizer):
             st[K.BASIS] = dict(Eigenbasis.identity(d_out, d_in, grad)._asdict())
             st[K.RULE] = self.rule.state_to_dict(self.rule.init(grad))
             st[K.EIGH_FAILURES] = 0
-        if group["weight_decay"] and cfg.weight_decay_style == "l2":
-            grad = grad.add(block.matrix(block.weight, block.bias), alpha=group["weight_decay"])
 
-        pairs = self.capture.pop(block)
-        if pairs and self._due(cfg.factor_every):
+        pairs = []
+        if block.tracked:
+            pairs = [(block.augment(x), g) for x, g in self.capture.pop(block)]
+        if self._due(cfg.factor_every):
             with record_function("kfe/factors"):
-                self._update_factors(block, st, pairs)
+                self._update_factors(block, st, grad, pairs)
+        if group["weight_decay"] and cfg.weight_decay_style == "l2":
+            grad = grad.add(block.matrix(*block.params), alpha=group["weight_decay"])
         basis = Eigenbasis(**st[K.BASIS])
         rule_state = self.rule.state_from_dict(st[K.RULE])
         previous, refreshed = basis, None
         if self._due(cfg.basis_every) and K.FACTOR_A in st:
             with record_function("kfe/eigh"):
-                refreshed = self._refresh(block, st)
+                refreshed = self._refresh(block, st, previous)
         if refreshed is not None:
             basis = refreshed
 
@@ -286,10 +314,7 @@ class KFEOptimizer(torch.optim.Optimizer):
         if self._wants_squares and pairs and (self._due(cfg.lambda_every) or refreshed):
             with record_function("kfe/lambda"):
                 squares = squared_projections(
-                    [(block.augment(x), g) for x, g in pairs],
-                    basis.U_B,
-                    basis.U_A,
-                    chunk_bytes=cfg.lambda_chunk_mb * 2**20,
+                    pairs, basis.U_B, basis.U_A, chunk_bytes=cfg.lambda_chunk_mb * 2**20
                 )
             if not torch.isfinite(squares).all():
                 self._warn_once(
@@ -299,7 +324,7 @@ class KFEOptimizer(torch.optim.Optimizer):
                 squares = None
         ctx = RuleContext(
             group=group,
-            eigenvalues=(basis.b, basis.a) if Statistic.EIGENVALUES in self.rule.needs else None,
+            eigenvalues=(basis.b, basis.a) if self.source.fisher_eigenvalues else None,
             squared_projections=squares,
             basis=(basis.U_B, basis.U_A),
         )
@@ -320,9 +345,16 @@ class KFEOptimizer(torch.optim.Optimizer):
         self._apply(st, group, direction, block.params, block.split)
 
     def _update_factors(
-        self, block: LayerBlock, st: dict[str, Any], pairs: list[tuple[Tensor, Tensor]]
+        self,
+        block: LayerBlock,
+        st: dict[str, Any],
+        grad: Tensor,
+        pairs: list[tuple[Tensor, Tensor]],
     ) -> None:
-        A, B = batch_factors([(block.augment(x), g) for x, g in pairs])
+        found = self.source.batch_factors(grad, pairs)
+        if found is None:
+            return
+        A, B = found
         if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
             self._warn_once(
                 f"factors:{block.name}",
@@ -336,7 +368,15 @@ class KFEOptimizer(torch.optim.Optimizer):
             st[K.FACTOR_A].lerp_(A, weight)
             st[K.FACTOR_B].lerp_(B, weight)
 
-    def _refresh(self, block: LayerBlock, st: dict[str, Any]) -> Eigenbasis | None:
+    def _refresh(
+        self, block: LayerBlock, st: dict[str, Any], previous: Eigenbasis
+    ) -> Eigenbasis | None:
+        """Eigendecompose both factors; ``None`` (and the old basis kept) on failure.
+
+        Unless the rule resets its state, the new eigenvectors are reordered to follow
+        the old ones they overlap most (:meth:`Eigenbasis.aligned_to`), so state indexed
+        by eigenvector stays with its eigenvector when ``eigh`` re-sorts.
+        """
         dtype = getattr(torch, self.config.eigh_dtype) if self.config.eigh_dtype else None
         found_b = robust_eigh(st[K.FACTOR_B], dtype)
         found_a = robust_eigh(st[K.FACTOR_A], dtype)
@@ -349,6 +389,8 @@ class KFEOptimizer(torch.optim.Optimizer):
             return None
         (b, U_B), (a, U_A) = found_b, found_a
         new = Eigenbasis(U_B=U_B, b=b, U_A=U_A, a=a)
+        if self.rule.policy is not BasisPolicy.RESET:
+            new = new.aligned_to(previous)
         st[K.BASIS] = dict(new._asdict())
         return new
 
@@ -424,4 +466,5 @@ class KFEOptimizer(torch.optim.Optimizer):
         """The context the rule would see for ``block`` now (no fresh statistics)."""
         basis = Eigenbasis(**self.state[block.weight][K.BASIS])
         group = next(g for g in self.param_groups if any(p is block.weight for p in g["params"]))
-        return RuleContext(group, (basis.b, basis.a), None, (basis.U_B, basis.U_A))
+        eigenvalues = (basis.b, basis.a) if self.source.fisher_eigenvalues else None
+        return RuleContext(group, eigenvalues, None, (basis.U_B, basis.U_A))

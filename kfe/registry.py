@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import functools
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import pluggy
+from pydantic import BaseModel
 from torch import nn
 
 from kfe import hookspecs
 from kfe.adapter import LayerAdapter
 from kfe.rule import Rule, RuleConfig
+from kfe.source import BasisSource, BasisSourceConfig
 
 __all__ = ["PluginError", "Registry", "default_registry", "load_registry"]
 
@@ -29,7 +31,7 @@ class PluginError(TypeError):
 
 @dataclass(frozen=True, eq=False)
 class Registry:
-    """What the loaded plugins provide: rules by name, adapters by module type.
+    """What the loaded plugins provide: rules and bases by name, adapters by module type.
 
     Compared and hashed by identity, so derived models (:func:`kfe.config.config_model`)
     are cached per registry.
@@ -37,6 +39,7 @@ class Registry:
 
     rules: Mapping[str, type[Rule[Any]]]
     adapters: Mapping[type[nn.Module], LayerAdapter]
+    bases: Mapping[str, type[BasisSource]]
 
     def rule(self, name: str) -> type[Rule[Any]]:
         try:
@@ -44,6 +47,14 @@ class Registry:
         except KeyError:
             raise ValueError(
                 f"unknown rule {name!r}; registered rules: {', '.join(sorted(self.rules))}"
+            ) from None
+
+    def basis(self, name: str) -> type[BasisSource]:
+        try:
+            return self.bases[name]
+        except KeyError:
+            raise ValueError(
+                f"unknown basis {name!r}; registered bases: {', '.join(sorted(self.bases))}"
             ) from None
 
     def adapter_for(self, module: nn.Module) -> LayerAdapter | None:
@@ -55,23 +66,35 @@ class Registry:
         return None
 
 
-def _check_rule(rule: object, plugin: str) -> type[Rule[Any]]:
-    if not (isinstance(rule, type) and issubclass(rule, Rule)):
-        raise PluginError(f"plugin {plugin!r}: kfe_rules returned {rule!r}, not a Rule subclass")
-    for attr in ("name", "Config", "State"):
-        if not hasattr(rule, attr):
-            raise PluginError(f"plugin {plugin!r}: rule {rule.__name__} lacks {attr!r}")
-    config = rule.Config
-    if not (isinstance(config, type) and issubclass(config, RuleConfig)):
-        raise PluginError(f"plugin {plugin!r}: {rule.__name__}.Config must subclass RuleConfig")
-    tag = config.model_fields["name"].annotation
-    if typing.get_origin(tag) is not typing.Literal or typing.get_args(tag) != (rule.name,):
+def _check_tagged(item: object, base: type, config_base: type[BaseModel], plugin: str) -> Any:
+    """A rule or basis class: the right base, a ``Config``, ``Config.name == Literal[name]``."""
+    kind = base.__name__
+    if not (isinstance(item, type) and issubclass(item, base)):
+        raise PluginError(f"plugin {plugin!r}: returned {item!r}, not a {kind} subclass")
+    cls: Any = item
+    for attr in ("name", "Config"):
+        if not hasattr(cls, attr):
+            raise PluginError(f"plugin {plugin!r}: {kind} {cls.__name__} lacks {attr!r}")
+    config: Any = cls.Config
+    if not (isinstance(config, type) and issubclass(config, config_base)):
         raise PluginError(
-            f"plugin {plugin!r}: {rule.__name__}.Config.name must be Literal[{rule.name!r}]"
+            f"plugin {plugin!r}: {cls.__name__}.Config must subclass {config_base.__name__}"
         )
-    if not rule.policies:
-        raise PluginError(f"plugin {plugin!r}: rule {rule.name!r} declares no basis policy")
-    return rule
+    tag = config.model_fields["name"].annotation
+    if typing.get_origin(tag) is not typing.Literal or typing.get_args(tag) != (cls.name,):
+        raise PluginError(
+            f"plugin {plugin!r}: {cls.__name__}.Config.name must be Literal[{cls.name!r}]"
+        )
+    return cls
+
+
+def _check_rule(rule: object, plugin: str) -> type[Rule[Any]]:
+    checked: type[Rule[Any]] = _check_tagged(rule, Rule, RuleConfig, plugin)
+    if not hasattr(checked, "State"):
+        raise PluginError(f"plugin {plugin!r}: rule {checked.__name__} lacks 'State'")
+    if not checked.policies:
+        raise PluginError(f"plugin {plugin!r}: rule {checked.name!r} declares no basis policy")
+    return checked
 
 
 def _check_adapter(adapter: object, plugin: str) -> LayerAdapter:
@@ -92,6 +115,27 @@ def _results(impl: pluggy.HookImpl) -> list[Any]:
     return list(result or ())
 
 
+def _collect(
+    pm: pluggy.PluginManager,
+    hook: Any,
+    check: Callable[[Any, str], Any],
+    key: Callable[[Any], Any],
+) -> dict[Any, Any]:
+    """Call each implementation of ``hook`` on its own (so errors name the plugin), in
+    registration order; check every item; refuse duplicate keys."""
+    found: dict[Any, Any] = {}
+    for impl in reversed(hook.get_hookimpls()):
+        plugin = _plugin_name(pm, impl)
+        for item in _results(impl):
+            item = check(item, plugin)
+            k = key(item)
+            if k in found:
+                shown = k.__name__ if isinstance(k, type) else repr(k)
+                raise PluginError(f"plugin {plugin!r}: {shown} is already registered")
+            found[k] = item
+    return found
+
+
 def load_registry(plugins: Iterable[object] | None = None) -> Registry:
     """Build a registry from ``plugins``, or from the ``kfe`` entry points if ``None``.
 
@@ -110,26 +154,16 @@ def load_registry(plugins: Iterable[object] | None = None) -> Registry:
             pm.register(plugin, name=getattr(plugin, "__name__", None))
     pm.check_pending()
 
-    rules: dict[str, type[Rule[Any]]] = {}
-    adapters: dict[type[nn.Module], LayerAdapter] = {}
-    # Call each implementation on its own so errors name the plugin.
-    for impl in reversed(pm.hook.kfe_rules.get_hookimpls()):
-        name = _plugin_name(pm, impl)
-        for rule in _results(impl):
-            rule = _check_rule(rule, name)
-            if rule.name in rules:
-                raise PluginError(f"plugin {name!r}: rule {rule.name!r} is already registered")
-            rules[rule.name] = rule
-    for impl in reversed(pm.hook.kfe_layer_adapters.get_hookimpls()):
-        name = _plugin_name(pm, impl)
-        for adapter in _results(impl):
-            adapter = _check_adapter(adapter, name)
-            if adapter.module_type in adapters:
-                raise PluginError(
-                    f"plugin {name!r}: {adapter.module_type.__name__} already has an adapter"
-                )
-            adapters[adapter.module_type] = adapter
-    return Registry(rules=rules, adapters=adapters)
+    return Registry(
+        rules=_collect(pm, pm.hook.kfe_rules, _check_rule, lambda r: r.name),
+        adapters=_collect(pm, pm.hook.kfe_layer_adapters, _check_adapter, lambda a: a.module_type),
+        bases=_collect(
+            pm,
+            pm.hook.kfe_bases,
+            lambda b, plugin: _check_tagged(b, BasisSource, BasisSourceConfig, plugin),
+            lambda b: b.name,
+        ),
+    )
 
 
 @functools.cache

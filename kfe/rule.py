@@ -42,7 +42,10 @@ class Statistic(str, enum.Enum):
     SQUARED_PROJECTIONS = "squared_projections"
     """``E_i[(U_B^T G_i U_A)^2]``: per-example second moment in the KFE (needs hooks)."""
     EIGENVALUES = "eigenvalues"
-    """The factor eigenvalues ``(b, a)`` of the current basis."""
+    """The eigenvalues ``(b, a)`` of the Fisher's Kronecker factors (a ``kfac`` basis).
+
+    Handed to every rule whenever the basis has them (they cost nothing more); a rule
+    that declares it *needs* them is refused on bases without them."""
 
 
 class BasisPolicy(str, enum.Enum):
@@ -74,9 +77,9 @@ class RuleContext:
     Attributes:
         group: the parameter group's hyperparameters (``lr``, ``damping``, ...), read
             every step so that schedulers can change them.
-        eigenvalues: ``(b, a)``, the eigenvalues of the output- and input-side factors
-            of the current basis, or ``None`` where the rule did not ask or there is no
-            basis (the parameter-space fallback).
+        eigenvalues: ``(b, a)``, the eigenvalues of the output- and input-side Fisher
+            factors of the current basis, or ``None`` where the basis has none
+            (``shampoo``, ``identity``, the parameter-space fallback).
         squared_projections: a fresh estimate of ``E_i[(U_B^T G_i U_A)^2]`` from this
             step's batch, or ``None`` on steps that do not update it.
         basis: the current ``(U_B, U_A)``, or ``None`` for the fallback; for rules that

@@ -14,7 +14,8 @@ in Frobenius norm. Estimators, updated every ``lambda_every`` steps:
 Basis change: ``reset``. The old ``Lambda`` belongs to the old basis and a second
 moment cannot be rotated exactly, so it is re-estimated from the batch of the refresh
 step (the core always captures there); until one is available (no capture, or a
-non-finite one) K-FAC's ``b (x) a`` stands in.
+non-finite one) K-FAC's ``b (x) a`` stands in on a ``kfac`` basis, and the squared
+projected minibatch gradient on other bases.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class EKFAC(Rule[EKFACConfig]):
     name = "ekfac"
     Config = EKFACConfig
     State = EKFACState
-    needs = frozenset({Statistic.SQUARED_PROJECTIONS, Statistic.EIGENVALUES})
+    needs = frozenset({Statistic.SQUARED_PROJECTIONS})
     policies = (BasisPolicy.RESET,)
 
     def update(self, grad: Tensor, state: Any, ctx: RuleContext) -> tuple[Tensor, Any]:
@@ -55,14 +56,20 @@ class EKFAC(Rule[EKFACConfig]):
                 scale = fresh
             else:
                 scale = scale.lerp(fresh, 1 - self.config.decay)
-        denominator = ctx.eigenvalue_product() if scale is None else scale
+        denominator = self._stand_in(grad, ctx) if scale is None else scale
         return grad / (denominator + ctx.damping), EKFACState(scale)
+
+    def _stand_in(self, grad: Tensor, ctx: RuleContext) -> Tensor:
+        """Until Lambda is estimated: K-FAC's ``b a^T`` if the basis has it, else ``M~^2``."""
+        return ctx.eigenvalue_product() if ctx.eigenvalues is not None else grad.square()
 
     def reset(self, state: Any, like: Tensor, ctx: RuleContext) -> Any:
         return EKFACState(None)
 
     def diagonal(self, state: Any, ctx: RuleContext) -> Tensor | None:
-        return state.scale if state.scale is not None else ctx.eigenvalue_product()
+        if state.scale is None and ctx.eigenvalues is not None:
+            return ctx.eigenvalue_product()
+        return state.scale
 
 
 @hookimpl

@@ -4,11 +4,27 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kfe_plugins import conv2d, ekfac, kfac, linear, sgd
 
 from kfe import Registry, load_registry
+from kfe_plugins import (
+    adam,
+    conv2d,
+    ekfac,
+    identity,
+    kfac,
+    kfac_basis,
+    linear,
+    rmsprop,
+    sgd,
+    shampoo,
+    signsgd,
+)
 
-BUILTIN_PLUGINS = (linear, conv2d, sgd, kfac, ekfac)
+BUILTIN_PLUGINS = (
+    *(linear, conv2d),
+    *(kfac_basis, shampoo, identity),
+    *(sgd, kfac, ekfac, rmsprop, signsgd, adam),
+)
 
 
 @pytest.fixture(scope="session")

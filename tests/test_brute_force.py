@@ -20,10 +20,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kfe_plugins import conv2d, ekfac, kfac, linear, sgd
 from torch import Tensor, nn
 
 import kfe
+from tests.conftest import BUILTIN_PLUGINS
 
 try:
     from tests import brute
@@ -32,7 +32,7 @@ except ImportError:  # tests/ is not a package: pytest puts tests/ itself on sys
 
 DT = torch.float64
 # the built-in plugins, listed explicitly: the tests do not depend on what is installed
-REGISTRY = kfe.load_registry((linear, conv2d, sgd, kfac, ekfac))
+REGISTRY = kfe.load_registry(BUILTIN_PLUGINS)
 
 # torch's own notice for padding="same" with an even kernel; irrelevant here
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same':UserWarning")

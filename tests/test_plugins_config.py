@@ -159,7 +159,8 @@ def test_rule_tag_must_match_name() -> None:
 
 def test_unknown_rule_lists_registered(registry) -> None:
     with pytest.raises(
-        ValidationError, match="unknown rule 'adamw'; registered rules: ekfac, kfac, sgd"
+        ValidationError,
+        match="unknown rule 'adamw'; registered rules: adam, ekfac, kfac, rmsprop, sgd, signsgd",
     ):
         KFEOptimizer(nn.Linear(2, 2), rule="adamw", registry=registry)
 

@@ -1,0 +1,56 @@
+"""A block: the unit the optimizer rotates, one weight matrix with its bias column."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from kfe.adapter import LayerAdapter
+
+__all__ = ["LayerBlock"]
+
+
+@dataclass(eq=False)
+class LayerBlock:
+    """One block: a weight and optional bias, seen as ``W_aug`` of ``(d_out, d_in[+1])``.
+
+    A *tracked* block is a layer with an adapter (its ``x`` and ``g`` are captured); an
+    untracked block is a bare parameter with at least two dims that a basis source
+    covers without hooks (``shampoo``), viewed as ``(shape[0], -1)``.
+    """
+
+    name: str
+    module: nn.Module | None
+    adapter: LayerAdapter | None
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+
+    @property
+    def tracked(self) -> bool:
+        return self.adapter is not None
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return [self.weight] if self.bias is None else [self.weight, self.bias]
+
+    def matrix(self, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        """Stack a weight-shaped and a bias-shaped tensor into ``(d_out, d_in[+1])``."""
+        if self.adapter is None:
+            w = weight.reshape(weight.shape[0], -1)
+        else:
+            w = self.adapter.weight_matrix(weight)
+        return w if bias is None else torch.cat([w, bias.unsqueeze(1)], dim=1)
+
+    def split(self, matrix: Tensor) -> list[Tensor]:
+        """Inverse of :meth:`matrix`: views shaped like :attr:`params`."""
+        if self.bias is None:
+            return [matrix.reshape(self.weight.shape)]
+        return [matrix[:, :-1].reshape(self.weight.shape), matrix[:, -1]]
+
+    def augment(self, x: Tensor) -> Tensor:
+        """Append the homogeneous coordinate (a column of ones) when there is a bias."""
+        if self.bias is None:
+            return x
+        return torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
