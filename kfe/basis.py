@@ -64,15 +64,25 @@ class Eigenbasis(NamedTuple):
 
 
 def _match(old: Tensor, new: Tensor) -> Tensor:
-    """``perm`` with ``new[:, perm[i]]`` the column best matching ``old[:, i]``."""
+    """``perm`` with ``new[:, perm[i]]`` matched to ``old[:, i]``: greedy by overlap.
+
+    The greedy matching takes the largest ``|old_i . new_j|`` among unmatched pairs,
+    again and again. It is computed in rounds: every pair that is each other's best
+    among the unmatched is in it, so each round matches all such pairs at once (one
+    round when no two old vectors prefer the same new one, as after a re-sort).
+    """
     overlap = (old.mT @ new).abs()
-    best = overlap.argmax(dim=1)
-    if torch.unique(best).numel() == best.numel():
-        return best
-    perm = torch.empty_like(best)
-    taken = torch.zeros(overlap.shape[1], dtype=torch.bool, device=overlap.device)
-    for i in overlap.amax(dim=1).argsort(descending=True).tolist():
-        j = overlap[i].masked_fill(taken, -1.0).argmax()
-        perm[i] = j
-        taken[j] = True
+    n = overlap.shape[0]
+    index = torch.arange(n, device=overlap.device)
+    perm = torch.full((n,), -1, dtype=torch.long, device=overlap.device)
+    free_rows = torch.ones(n, dtype=torch.bool, device=overlap.device)
+    free_cols = free_rows.clone()
+    while bool(free_rows.any()):
+        masked = overlap.masked_fill(~free_rows[:, None] | ~free_cols[None, :], -1.0)
+        best_col = masked.argmax(dim=1)
+        best_row = masked.argmax(dim=0)
+        mutual = free_rows & (best_row[best_col] == index)
+        perm[mutual] = best_col[mutual]
+        free_rows &= ~mutual
+        free_cols[best_col[mutual]] = False
     return perm
