@@ -15,9 +15,34 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["Eigenbasis"]
+__all__ = ["PAD_MULTIPLE", "Eigenbasis", "chain", "pad_square"]
+
+PAD_MULTIPLE = 8
+"""Square operators are zero-padded to a multiple of this for matmul speed: BLAS runs
+about 1.4x slower on the odd sizes the bias column makes (785, 1001, ...)."""
+
+
+def pad_square(matrix: Tensor, multiple: int = PAD_MULTIPLE) -> Tensor:
+    """Zero-pad a square matrix to a side that is a multiple of ``multiple``."""
+    extra = (-matrix.shape[-1]) % multiple
+    return F.pad(matrix, (0, extra, 0, extra)) if extra else matrix
+
+
+def chain(left: Tensor, matrix: Tensor, right: Tensor) -> Tensor:
+    """``left @ matrix @ right``, where ``left``/``right`` may be zero-padded squares.
+
+    ``matrix`` is zero-padded to fit and the result cut back to ``matrix``'s shape, which
+    is exact because the padding rows and columns of ``left``/``right`` are zero.
+    """
+    rows, cols = matrix.shape[-2:]
+    extra_rows, extra_cols = left.shape[-1] - rows, right.shape[-2] - cols
+    if not (extra_rows or extra_cols):
+        return left @ matrix @ right
+    out = left @ F.pad(matrix, (0, extra_cols, 0, extra_rows)) @ right
+    return out[..., :rows, :cols]
 
 
 class Eigenbasis(NamedTuple):
@@ -41,11 +66,16 @@ class Eigenbasis(NamedTuple):
 
     def project(self, matrix: Tensor) -> Tensor:
         """Parameter space to KFE coordinates: ``U_B^T M U_A``."""
-        return self.U_B.mT @ matrix @ self.U_A
+        return chain(self.U_B.mT, matrix, self.U_A)
 
     def unproject(self, matrix: Tensor) -> Tensor:
         """KFE coordinates to parameter space: ``U_B M U_A^T``."""
-        return self.U_B @ matrix @ self.U_A.mT
+        return chain(self.U_B, matrix, self.U_A.mT)
+
+    def padded(self) -> Eigenbasis:
+        """The same basis with ``U_B``, ``U_A`` zero-padded (:func:`pad_square`) for fast
+        :meth:`project` / :meth:`unproject`; eigenvalues are left as they are."""
+        return Eigenbasis(pad_square(self.U_B), self.b, pad_square(self.U_A), self.a)
 
     def aligned_to(self, old: Eigenbasis) -> Eigenbasis:
         """This basis with its eigenvectors reordered to follow ``old``'s.

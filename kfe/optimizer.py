@@ -156,6 +156,8 @@ class KFEOptimizer(torch.optim.Optimizer):
         )
         self._step = 0
         self._warned: set[str] = set()
+        self._padded: dict[LayerBlock, Eigenbasis] = {}
+        """Zero-padded copies of each block's basis for fast matmuls; rebuilt at refresh."""
         self._arm_capture()
 
     # -- cadence ------------------------------------------------------------------
@@ -215,7 +217,8 @@ class KFEOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if grads and not torch.stack([g.isfinite().all() for g in grads]).all():
+        # one fused max-abs per tensor and one host sync: NaN and inf both propagate
+        if grads and not torch.stack(torch._foreach_norm(grads, float("inf"))).isfinite().all():
             self._warn_once("step", "non-finite gradient: step skipped, parameters unchanged")
             self.capture.clear()
             return loss
@@ -271,6 +274,7 @@ class KFEOptimizer(torch.optim.Optimizer):
             for saved, group in zip(saved_groups, self.param_groups, strict=True)
         ]
         self.__setstate__({"state": state, "param_groups": groups})
+        self._padded.clear()
         self._step = int(state_dict.get("kfe", {}).get("step", 0))
         self._arm_capture()
 
@@ -309,12 +313,16 @@ class KFEOptimizer(torch.optim.Optimizer):
                 refreshed = self._refresh(block, st, previous)
         if refreshed is not None:
             basis = refreshed
+            self._padded.pop(block, None)
+        fast = self._padded.get(block)
+        if fast is None:
+            fast = self._padded[block] = basis.padded()
 
         squares = None
         if self._wants_squares and pairs and (self._due(cfg.lambda_every) or refreshed):
             with record_function("kfe/lambda"):
                 squares = squared_projections(
-                    pairs, basis.U_B, basis.U_A, chunk_bytes=cfg.lambda_chunk_mb * 2**20
+                    pairs, fast.U_B, fast.U_A, chunk_bytes=cfg.lambda_chunk_mb * 2**20
                 )
             if not torch.isfinite(squares).all():
                 self._warn_once(
@@ -336,11 +344,11 @@ class KFEOptimizer(torch.optim.Optimizer):
             direction, rule_state = shortcut
         else:
             with record_function("kfe/project"):
-                projected = basis.project(grad)
+                projected = fast.project(grad)
             with record_function("kfe/rule"):
                 projected, rule_state = self.rule.update(projected, rule_state, ctx)
             with record_function("kfe/unproject"):
-                direction = basis.unproject(projected)
+                direction = fast.unproject(projected)
         st[K.RULE] = self.rule.state_to_dict(rule_state)
         self._apply(st, group, direction, block.params, block.split)
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["batch_factors", "squared_projections"]
@@ -60,13 +61,18 @@ def squared_projections(
     U_A: Tensor,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> Tensor:
-    """``E_i[(U_B^T G_i U_A)^2]`` over the examples of one step's captures."""
+    """``E_i[(U_B^T G_i U_A)^2]`` over the examples of one step's captures.
+
+    ``U_B``, ``U_A`` may be zero-padded (:func:`kfe.basis.pad_square`); the result has
+    the unpadded shape ``(d_out, d_in)``.
+    """
     total: Tensor | None = None
     n_examples = 0
+    d_out, d_in = pairs[0][1].shape[-1], pairs[0][0].shape[-1]
     for x, g in pairs:
         n, T = x.shape[0], x.shape[1]
-        xp = x @ U_A  # (n, T, d_in)
-        gp = g @ U_B  # (n, T, d_out)
+        xp = F.pad(x, (0, U_A.shape[0] - d_in)) @ U_A  # (n, T, d_in [padded])
+        gp = F.pad(g, (0, U_B.shape[0] - d_out)) @ U_B  # (n, T, d_out [padded])
         if T == 1:
             part = gp[:, 0].square().mT @ xp[:, 0].square()
         else:
@@ -79,4 +85,4 @@ def squared_projections(
         total = part if total is None else total + part
         n_examples += n
     assert total is not None, "no captures"
-    return total / n_examples
+    return total[:d_out, :d_in] / n_examples

@@ -12,7 +12,7 @@ Damping modes:
   ``(B + lambda_B I)^{-1} G (A + lambda_A I)^{-1}``: two matmuls by inverses cached
   at each refresh (recomputed if the damping changes) instead of four rotations.
 
-Basis change: the rule keeps no KFE-coordinate state (``keep``; the cache is rebuilt).
+Basis change: no KFE-coordinate state (``reset``; the inverse cache is rebuilt).
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from kfe import Rule, RuleConfig, RuleContext, Statistic, hookimpl
+from kfe import BasisPolicy, Rule, RuleConfig, RuleContext, Statistic, hookimpl
+from kfe.basis import chain, pad_square
 
 
 class KFACConfig(RuleConfig):
@@ -37,9 +38,9 @@ class KFACConfig(RuleConfig):
 
 class KFACState(NamedTuple):
     inv_B: Tensor | None = None
-    """``(B + lambda_B I)^{-1}``, cached for the ``split`` mode."""
+    """``(B + lambda_B I)^{-1}``, cached for the ``split`` mode (zero-padded)."""
     inv_A: Tensor | None = None
-    """``(A + lambda_A I)^{-1}``, cached for the ``split`` mode."""
+    """``(A + lambda_A I)^{-1}``, cached for the ``split`` mode (zero-padded)."""
     damping: float = math.nan
     """The damping the cache was built with."""
 
@@ -49,6 +50,7 @@ class KFAC(Rule[KFACConfig]):
     Config = KFACConfig
     State = KFACState
     needs = frozenset({Statistic.EIGENVALUES})
+    policies = (BasisPolicy.RESET,)  # no KFE-coordinate state; the cache is rebuilt
 
     def split_damping(self, ctx: RuleContext) -> tuple[float, float]:
         """``(lambda_B, lambda_A)`` for the ``split`` mode."""
@@ -76,8 +78,8 @@ class KFAC(Rule[KFACConfig]):
         assert ctx.basis is not None and ctx.eigenvalues is not None
         (U_B, U_A), (b, a) = ctx.basis, ctx.eigenvalues
         d_b, d_a = self.split_damping(ctx)
-        inv_B = (U_B / (b + d_b)) @ U_B.mT
-        inv_A = (U_A / (a + d_a)) @ U_A.mT
+        inv_B = pad_square((U_B / (b + d_b)) @ U_B.mT)
+        inv_A = pad_square((U_A / (a + d_a)) @ U_A.mT)
         return KFACState(inv_B, inv_A, ctx.damping)
 
     def precondition(self, grad: Tensor, state: Any, ctx: RuleContext) -> tuple[Tensor, Any] | None:
@@ -85,7 +87,7 @@ class KFAC(Rule[KFACConfig]):
             return None
         if state.inv_B is None or state.damping != ctx.damping:
             state = self.on_refresh(state, ctx)
-        return state.inv_B @ grad @ state.inv_A, state
+        return chain(state.inv_B, grad, state.inv_A), state
 
 
 @hookimpl

@@ -14,7 +14,7 @@ from typing import Any, Literal, NamedTuple
 
 from torch import Tensor
 
-from kfe import Rule, RuleConfig, RuleContext, hookimpl
+from kfe import BasisPolicy, Rule, RuleConfig, RuleContext, hookimpl
 
 
 class SGDConfig(RuleConfig):
@@ -29,6 +29,7 @@ class SGD(Rule[SGDConfig]):
     name = "sgd"
     Config = SGDConfig
     State = SGDState
+    policies = (BasisPolicy.RESET,)  # stateless: nothing to carry over
 
     def update(self, grad: Tensor, state: Any, ctx: RuleContext) -> tuple[Tensor, Any]:
         return grad, state
