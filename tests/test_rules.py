@@ -23,12 +23,17 @@ def batch(step: int) -> tuple[Tensor, Tensor]:
     return torch.randn(16, 5, generator=g, dtype=DT), torch.randn(16, 3, generator=g, dtype=DT)
 
 
+def backward(model: nn.Module, opt: torch.optim.Optimizer, t: int, loss=None) -> None:
+    """Zero the gradients and backpropagate the loss of batch ``t``."""
+    x, y = batch(t)
+    opt.zero_grad()
+    (loss or (lambda m, x, y: nn.functional.mse_loss(m(x), y)))(model, x, y).backward()
+
+
 def run_pair(reference: torch.optim.Optimizer, ref_model, opt, model, steps: int = 20) -> None:
     for t in range(steps):
-        x, y = batch(t)
         for m, o in ((ref_model, reference), (model, opt)):
-            o.zero_grad()
-            nn.functional.mse_loss(m(x), y).backward()
+            backward(m, o, t)
             o.step()
 
 
@@ -80,10 +85,9 @@ def test_identity_signsgd_is_sign_descent(registry, beta: float) -> None:
     )
     momenta = [torch.zeros_like(p) for p in ref.parameters()]
     for t in range(20):
-        x, y = batch(t)
-        opt.zero_grad()
-        nn.functional.mse_loss(model(x), y).backward()
+        backward(model, opt, t)
         opt.step()
+        x, y = batch(t)
         ref.zero_grad()
         nn.functional.mse_loss(ref(x), y).backward()
         with torch.no_grad():
@@ -110,9 +114,7 @@ def test_rotate_carries_first_moment_exactly(registry) -> None:
         basis_every=3,
     )
     for t in range(4):  # refreshes at steps 0 and 3
-        x, y = batch(t)
-        opt.zero_grad()
-        nn.functional.mse_loss(model(x), y).backward()
+        backward(model, opt, t)
         opt.step()
         if t == 2:
             st = first_layer_state(opt, model)
@@ -149,9 +151,7 @@ def test_reset_restarts_adam(registry) -> None:
         basis_every=3,
     )
     for t in range(4):
-        x, y = batch(t)
-        opt.zero_grad()
-        nn.functional.mse_loss(model(x), y).backward()
+        backward(model, opt, t)
         opt.step()
         rule = first_layer_state(opt, model)[K.RULE]
         assert rule["step"] == (t + 1 if t < 3 else 1)
@@ -175,9 +175,7 @@ def test_permuting_refresh_keeps_state_with_its_eigenvector(registry) -> None:
         basis_every=3,
     )
     for t in range(4):  # refreshes at steps 0 and 3
-        x, y = batch(t)
-        opt.zero_grad()
-        nn.functional.mse_loss(model(x), y).backward()
+        backward(model, opt, t)
         if t == 3:
             # same eigenvectors, eigenvalues in the reverse order: eigh re-sorts the columns
             st = first_layer_state(opt, model)
@@ -302,9 +300,7 @@ def test_adam_on_shampoo_is_soap(registry) -> None:
         registry=registry,
     )
     for t in range(25):
-        x, y = batch(t)
-        opt.zero_grad()
-        square_loss(model, x, y).backward()
+        backward(model, opt, t, square_loss)
         opt.step()
     # Both agree to ~5e-10 from the first step on: kfe orders eigenvectors differently (it
     # matches the first basis to the identity), so sums round differently, and Adam's
