@@ -60,6 +60,10 @@ class KFEConfigBase(BaseModel):
     model (call ``optimizer.sample_fisher(output, kind)`` before ``loss.backward()``)."""
     batch_averaged: bool = True
     """The loss is a mean over the batch (captured gradients are rescaled by ``n``)."""
+    eigensolver: Literal["eigh", "power_qr"] = "eigh"
+    """``eigh``: exact robust eigendecomposition at every refresh; ``power_qr``: after the
+    first (exact) refresh, one warm-started power step and a QR, as SOAP does: cheaper,
+    approximate, and the eigenvector order follows the previous basis."""
     eigh_dtype: Literal["float32", "float64"] | None = None
     """Dtype of the first ``eigh`` try (default: the factor's); float64 is the retry."""
     lambda_chunk_mb: PositiveInt = 64

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["robust_eigh"]
+__all__ = ["power_qr", "robust_eigh"]
 
 JITTER_TRIES = 4
 JITTER_START = 1e-10
@@ -57,3 +57,33 @@ def robust_eigh(factor: Tensor, dtype: torch.dtype | None = None) -> tuple[Tenso
         return None
     values, vectors = found
     return values.clamp_min(0).to(out_dtype), vectors.to(out_dtype)
+
+
+def power_qr(factor: Tensor, previous: Tensor) -> tuple[Tensor, Tensor] | None:
+    """One step of subspace iteration warm-started at ``previous`` (SOAP's refresh).
+
+    Following Vyas et al. (2024): Rayleigh quotients ``est = diag(Q^T F Q)`` of the old
+    eigenvectors ``Q``, one power step ``F Q`` with the columns in decreasing ``est``
+    order, and a QR factorisation. The columns are then put back in their old order, so
+    column ``j`` still follows old column ``j`` (no matching needed); the eigenvalue
+    estimate of column ``j`` is ``est[j]``. Cost: one matmul and one QR instead of an
+    ``eigh``; the basis converges to the eigenvectors over refreshes rather than at once.
+
+    Returns:
+        ``(est, Q')`` clamped at zero, or ``None`` if anything is not finite.
+    """
+    if not torch.isfinite(factor).all():
+        return None
+    sym = (factor + factor.mT) / 2
+    power = sym @ previous
+    estimate = (previous * power).sum(dim=0)
+    order = estimate.argsort(descending=True)
+    try:
+        q, _ = torch.linalg.qr(power[:, order])
+    except (torch.linalg.LinAlgError, RuntimeError):
+        return None
+    vectors = torch.empty_like(q)
+    vectors[:, order] = q
+    if not torch.isfinite(vectors).all():
+        return None
+    return estimate.clamp_min(0), vectors

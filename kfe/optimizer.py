@@ -35,7 +35,7 @@ from kfe.basis import Eigenbasis
 from kfe.block import LayerBlock
 from kfe.capture import CurvatureCapture, LossKind
 from kfe.config import KFEConfigBase, config_model
-from kfe.eigh import robust_eigh
+from kfe.eigh import power_qr, robust_eigh
 from kfe.registry import Registry, default_registry
 from kfe.rule import BasisPolicy, Rule, RuleContext, Statistic
 from kfe.source import BasisSource
@@ -302,6 +302,7 @@ class KFEOptimizer(torch.optim.Optimizer):
             st[K.BASIS] = dict(Eigenbasis.identity(d_out, d_in, grad)._asdict())
             st[K.RULE] = self.rule.state_to_dict(self.rule.init(grad))
             st[K.EIGH_FAILURES] = 0
+            st[K.REFRESHES] = 0
 
         pairs = []
         if block.tracked:
@@ -391,9 +392,14 @@ class KFEOptimizer(torch.optim.Optimizer):
         the old ones they overlap most (:meth:`Eigenbasis.aligned_to`), so state indexed
         by eigenvector stays with its eigenvector when ``eigh`` re-sorts.
         """
-        dtype = getattr(torch, self.config.eigh_dtype) if self.config.eigh_dtype else None
-        found_b = robust_eigh(st[K.FACTOR_B], dtype)
-        found_a = robust_eigh(st[K.FACTOR_A], dtype)
+        warm = self.config.eigensolver == "power_qr" and st[K.REFRESHES] > 0
+        if warm:
+            found_b = power_qr(st[K.FACTOR_B], previous.U_B)
+            found_a = power_qr(st[K.FACTOR_A], previous.U_A)
+        else:
+            dtype = getattr(torch, self.config.eigh_dtype) if self.config.eigh_dtype else None
+            found_b = robust_eigh(st[K.FACTOR_B], dtype)
+            found_a = robust_eigh(st[K.FACTOR_A], dtype)
         if found_a is None or found_b is None:
             st[K.EIGH_FAILURES] += 1
             self._warn_once(
@@ -403,9 +409,10 @@ class KFEOptimizer(torch.optim.Optimizer):
             return None
         (b, U_B), (a, U_A) = found_b, found_a
         new = Eigenbasis(U_B=U_B, b=b, U_A=U_A, a=a)
-        if self.rule.policy is not BasisPolicy.RESET:
+        if not warm and self.rule.policy is not BasisPolicy.RESET:
             new = new.aligned_to(previous)
         st[K.BASIS] = dict(new._asdict())
+        st[K.REFRESHES] += 1
         return new
 
     def _change_basis(
