@@ -43,11 +43,28 @@ combined with the same formula. Every ``record_function`` range the library open
 ``kfe/...`` name) is attributed to the forward, backward or step phase enclosing it and
 reported per step, next to those phases' times from ``time.perf_counter``.
 
+Grid suite (``--suite grid``). Every compatible (rule, basis) pair of the installed
+registry (:func:`kfe.testing.compatible_cases`, so plugins show up), plus
+``torch.optim.Adam`` (the reference) and, when the optional benchmark dependency
+``pytorch-optimizer`` is installed, its ``SOAP`` (row ``pto-soap``), all refreshing
+every 10 steps: KFE with ``factor_every=1``, ``basis_every=10``, ``lambda_every=1``;
+SOAP with ``precondition_frequency=10``. The window is one whole cycle (10 steps
+starting at a refresh), so the amortized time is simply the window's time over its
+length; ``--window 20`` times two cycles. SOAP's refresh depends on its own call count
+(its first ``step()`` only initialises and does not update), so the warm-up covers that
+call and SOAP is aligned to its refresh by untimed steps. The summary adds a rule x
+basis matrix of ratios to Adam and the ratio of KFE ``adam`` on ``shampoo`` (SOAP) to
+``pto-soap`` with its target (``<= 0.8``). Only ``adam-shampoo`` and ``pto-soap`` are
+profiled by default (``--profile-only``); SOAP's methods are wrapped in ``soap/...``
+ranges for that profile only, after all timing.
+
 Usage::
 
     python benchmarks/step_time.py                  # the default benchmark
     python benchmarks/step_time.py --quick          # smoke run, a few seconds
     python benchmarks/step_time.py --json out.json  # also write the results
+    python benchmarks/step_time.py --suite grid     # every rule x basis, Adam, SOAP
+    python benchmarks/step_time.py --suite grid --quick  # smoke run of the grid
 """
 
 from __future__ import annotations
@@ -57,6 +74,7 @@ import contextlib
 import copy
 import functools
 import gc
+import importlib.metadata
 import itertools
 import json
 import math
@@ -78,6 +96,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import kfe
+import kfe.testing
 
 FULL_DIMS = (784, 1000, 500, 250, 30, 250, 500, 1000, 784)
 QUICK_DIMS = (64, 48, 32, 16, 4, 16, 32, 48, 64)
@@ -93,6 +112,12 @@ RANGES = (  # display order; other kfe/ ranges are listed after these
     "kfe/fallback",
 )
 REFERENCE = "adam"
+SOAP_NAME = "pto-soap"  # pytorch-optimizer's SOAP (grid suite, optional dependency)
+SOAP_KFE = "adam-shampoo"  # KFE's SOAP: rule adam on the shampoo basis
+SOAP_TARGET = 0.8  # goal for SOAP_KFE's amortized time over SOAP_NAME's
+GRID_REPEATS = 3  # default --repeats of the grid suite (runtime: see the README)
+SOAP_RANGES = ("soap/factors", "soap/qr", "soap/project")  # profile-only wrappers
+RANGE_PREFIXES = ("kfe/", "soap/")
 # The project's goals for the amortized ratio to Adam (full-size model, batch 1000).
 TARGETS = {"ekfac-ema": 2.2, "ekfac-batch": 3.0, "kfac-split": 1.6, "kfac-product": 2.2}
 
@@ -133,14 +158,47 @@ class Entry:
     amortized: list[dict[str, float]] = field(default_factory=list)
     profile: dict[str, Any] = field(default_factory=dict)
     last_loss: float = math.nan
+    period: int = 0  # > 0: refreshes when ``calls % period == 0`` (SOAP's own counter)
+    info: dict[str, Any] = field(default_factory=dict)  # rule/basis etc. for the JSON
 
     @property
     def is_kfe(self) -> bool:
         return isinstance(self.opt, kfe.KFEOptimizer)
 
 
+Spec = tuple[str, str, Callable[[nn.Module], torch.optim.Optimizer]]
+
+
 def build_entries(args: argparse.Namespace, base: nn.Module) -> list[Entry]:
+    """One entry per optimizer of the suite, in display order (``--only`` filters)."""
+    extras: dict[str, dict[str, Any]] = {}
+    specs = grid_specs(args, extras) if args.suite == "grid" else default_specs(args)
+    wanted = set(args.only.split(",")) | {REFERENCE} if args.only else None
+    known = {name for name, _, _ in specs} | set(extras.get("_missing", {}))
+    if wanted and not wanted <= known:
+        raise SystemExit(f"--only: unknown {sorted(wanted - known)}; known: {sorted(known)}")
+    entries = []
+    for name, label, make in specs:
+        if wanted is None or name in wanted:
+            model = copy.deepcopy(base)
+            extra = extras.get(name, {})
+            entries.append(
+                Entry(
+                    name,
+                    label,
+                    model,
+                    make(model),
+                    period=extra.get("period", 0),
+                    info=extra.get("info", {}),
+                )
+            )
+    return entries
+
+
+def default_specs(args: argparse.Namespace) -> list[Spec]:
+    """The default suite: SGD, Adam and the KFE optimizers the project has targets for."""
     kfe_common = {
+        "eigensolver": args.eigensolver,
         "lr": args.kfe_lr,
         "damping": args.damping,
         "momentum": args.momentum,
@@ -191,16 +249,87 @@ def build_entries(args: argparse.Namespace, base: nn.Module) -> list[Entry]:
             ),
         ),
     ]
-    wanted = set(args.only.split(",")) | {REFERENCE} if args.only else None
-    known = {name for name, _, _ in specs}
-    if wanted and not wanted <= known:
-        raise SystemExit(f"--only: unknown {sorted(wanted - known)}; known: {sorted(known)}")
-    entries = []
-    for name, label, make in specs:
-        if wanted is None or name in wanted:
-            model = copy.deepcopy(base)
-            entries.append(Entry(name, label, model, make(model)))
-    return entries
+    return specs
+
+
+def load_soap() -> tuple[type[torch.optim.Optimizer] | None, str]:
+    """pytorch-optimizer's ``SOAP`` and its version, imported lazily (optional)."""
+    try:
+        from pytorch_optimizer import SOAP  # optional benchmark dependency, never a runtime one
+    except ImportError as exc:
+        return None, f"not importable ({exc})"
+    try:
+        return SOAP, importlib.metadata.version("pytorch_optimizer")
+    except importlib.metadata.PackageNotFoundError:
+        return SOAP, "unknown"
+
+
+def grid_specs(args: argparse.Namespace, extras: dict[str, dict[str, Any]]) -> list[Spec]:
+    """The grid suite: torch Adam, pytorch-optimizer's SOAP, every compatible rule x basis.
+
+    All refresh every ``basis_every`` steps. KFE: factors every ``factor_every`` step(s),
+    ``lambda_every=1`` (only rules that need per-example statistics use it), heavy-ball
+    ``momentum`` except for ``adam``, whose own first moment plays that part (as in SOAP).
+    """
+    specs: list[Spec] = [
+        (
+            "adam",
+            f"torch.optim.Adam(lr={args.adam_lr})",
+            lambda m: torch.optim.Adam(m.parameters(), lr=args.adam_lr),
+        )
+    ]
+    soap, soap_version = load_soap()
+    args.soap_version = soap_version
+    if soap is None:
+        print(
+            f"NOTE: pytorch-optimizer's SOAP is {soap_version}: the {SOAP_NAME!r} row is "
+            "skipped. It is an optional benchmark dependency: "
+            "pip install --no-deps pytorch-optimizer"
+        )
+        extras["_missing"] = {SOAP_NAME: {}}
+    else:
+        soap_kwargs = {
+            "lr": args.adam_lr,
+            "betas": (0.9, 0.999),
+            "shampoo_beta": args.factor_decay,
+            "weight_decay": 0.0,
+            "precondition_frequency": args.basis_every,
+        }
+        specs.append(
+            (
+                SOAP_NAME,
+                f"pytorch_optimizer.SOAP {soap_version} ("
+                + ", ".join(f"{k}={v}" for k, v in soap_kwargs.items())
+                + ")",
+                lambda m: soap(m.parameters(), **soap_kwargs),
+            )
+        )
+        extras[SOAP_NAME] = {
+            "period": args.basis_every,
+            "info": {"package": "pytorch-optimizer", "version": soap_version, **soap_kwargs},
+        }
+    for rule, basis in kfe.testing.compatible_cases(kfe.default_registry()):
+        settings = {
+            "rule": rule,
+            "basis": basis,
+            "lr": args.kfe_lr,
+            "damping": args.damping,
+            "momentum": 0.0 if rule == "adam" else args.momentum,
+            "factor_every": args.factor_every,
+            "basis_every": args.basis_every,
+            "lambda_every": 1,
+            "factor_decay": args.factor_decay,
+            "eigensolver": args.eigensolver,
+        }
+        name = f"{rule}-{basis}"
+        label = "KFE " + ", ".join(f"{k}={v}" for k, v in settings.items())
+        specs.append((name, label, functools.partial(make_kfe, settings=settings)))
+        extras[name] = {"info": settings}
+    return specs
+
+
+def make_kfe(model: nn.Module, settings: dict[str, Any]) -> kfe.KFEOptimizer:
+    return kfe.KFEOptimizer(model, **settings)
 
 
 # -- timing --------------------------------------------------------------------------
@@ -210,14 +339,25 @@ def next_refresh(step: int, basis_every: int) -> int:
     return -(-step // basis_every) * basis_every
 
 
-def align_to_refresh(entry: Entry, basis_every: int) -> None:
+def align_to_refresh(
+    entry: Entry, basis_every: int, batches: list[torch.Tensor] | None = None
+) -> None:
     """Fast-forward a KFE optimizer's step counter to the next refresh step.
 
     Goes through the public ``state_dict``/``load_state_dict``; the pipeline's cadences
     depend only on ``step % every``, so the steps skipped would have done nothing that
     the following steps depend on for their cost.
+
+    An optimizer with a ``period`` (pytorch-optimizer's SOAP, whose refresh is at the
+    calls ``k > 0`` with ``k % period == 0``, counted from 0) is brought there by
+    untimed steps on ``batches`` instead.
     """
     opt = entry.opt
+    if entry.period:
+        assert batches is not None, "a periodic optimizer is aligned by running steps"
+        while entry.calls == 0 or entry.calls % entry.period:
+            run_steps(entry, batches, 1)
+        return
     if not isinstance(opt, kfe.KFEOptimizer):
         return
     target = next_refresh(opt.steps_taken, basis_every)
@@ -280,7 +420,13 @@ def timed_window(entry: Entry, batches: list[torch.Tensor], n: int) -> dict[str,
 def amortize(
     refresh: dict[str, float], plain: dict[str, float] | None, window: int, basis_every: int
 ) -> dict[str, float]:
-    """Per-step seconds of one basis cycle from a refresh window and a plain window."""
+    """Per-step seconds of one basis cycle from a refresh window and a plain window.
+
+    A window of whole cycles (a multiple of ``basis_every``, grid suite) needs no plain
+    window: its per-step time is its time over its length.
+    """
+    if window >= basis_every:
+        return {key: value / window for key, value in refresh.items()}
     k = basis_every // window
     out = {}
     for key, value in refresh.items():
@@ -299,7 +445,7 @@ def benchmark(
     for r in range(args.repeats):
         shift = r % len(entries)
         for entry in entries[shift:] + entries[:shift]:
-            align_to_refresh(entry, basis_every)
+            align_to_refresh(entry, basis_every, batches)
             ref = timed_window(entry, batches, window)
             plain = timed_window(entry, batches, window) if window < basis_every else None
             entry.refresh.append(ref)
@@ -328,7 +474,10 @@ def profiled_window(entry: Entry, batches: list[torch.Tensor], n: int) -> dict[s
     Each event is attributed to the ``bench/forward``, ``bench/backward`` or
     ``bench/step`` range that encloses it, so a range the library opens in a hook (e.g.
     ``kfe/capture``) is reported under the phase that pays for it. Only the outermost
-    ``kfe/`` range of a nest counts towards its phase, so they can be summed.
+    ``kfe/`` range of a nest counts towards its phase, so they can be summed. The
+    ``soap/`` ranges (grid suite, SOAP's methods wrapped for the profile) nest
+    (``soap/qr`` inside ``soap/factors``): each counts its time outside the ``soap/``
+    ranges inside it, so they can be summed too.
     """
     gc.collect()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -336,7 +485,8 @@ def profiled_window(entry: Entry, batches: list[torch.Tensor], n: int) -> dict[s
     ranges: dict[tuple[str, str], dict[str, float]] = {}
     ops: dict[tuple[str, str], float] = {}
     for ev in prof.events():
-        is_range, is_op = ev.name.startswith("kfe/"), ev.name.startswith("aten::")
+        is_range = ev.name.startswith(RANGE_PREFIXES)
+        is_op = ev.name.startswith("aten::")
         if not (is_range or is_op):
             continue
         phase, nested, parent = None, False, ev.cpu_parent
@@ -350,6 +500,11 @@ def profiled_window(entry: Entry, batches: list[torch.Tensor], n: int) -> dict[s
             continue
         if is_op:
             ops[phase, ev.name] = ops.get((phase, ev.name), 0.0) + ev.self_cpu_time_total * 1e-6
+        elif ev.name.startswith("soap/"):
+            r = ranges.setdefault((phase, ev.name), {"count": 0, "total": 0.0, "self": 0.0})
+            r["count"] += 1
+            r["total"] += (ev.cpu_time_total - inner_ranges_time(ev, "soap/")) * 1e-6
+            r["self"] += ev.self_cpu_time_total * 1e-6
         elif not nested:
             r = ranges.setdefault((phase, ev.name), {"count": 0, "total": 0.0, "self": 0.0})
             r["count"] += 1
@@ -358,24 +513,75 @@ def profiled_window(entry: Entry, batches: list[torch.Tensor], n: int) -> dict[s
     return {"times": times, "ranges": ranges, "ops": ops}
 
 
+def inner_ranges_time(event: Any, prefix: str) -> float:
+    """Inclusive time (us) of the outermost ``prefix`` ranges strictly inside ``event``."""
+    total = 0.0
+    for child in event.cpu_children:
+        if child.name.startswith(prefix):
+            total += child.cpu_time_total
+        else:
+            total += inner_ranges_time(child, prefix)
+    return total
+
+
+@contextlib.contextmanager
+def soap_ranges(opt: torch.optim.Optimizer) -> Any:
+    """Wrap SOAP's methods in ``soap/...`` profiler ranges, on this instance, for a while.
+
+    ``update_pre_conditioner`` (the factor EMAs ``G G^T``, ``G^T G``, and the refresh)
+    is ``soap/factors``; the refresh inside it, ``get_orthogonal_matrix_qr`` (one power
+    iteration and a QR per factor), is ``soap/qr``; ``project`` (both directions) is
+    ``soap/project``. Used for the profile only, after every timed window.
+    """
+    names = {
+        "update_pre_conditioner": "soap/factors",
+        "get_orthogonal_matrix_qr": "soap/qr",
+        "project": "soap/project",
+    }
+
+    def wrap(method: Callable[..., Any], label: str) -> Callable[..., Any]:
+        @functools.wraps(method)
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            with record_function(label):
+                return method(*args, **kwargs)
+
+        return wrapped
+
+    for attr, label in names.items():
+        setattr(opt, attr, wrap(getattr(opt, attr), label))
+    try:
+        yield
+    finally:
+        for attr in names:
+            delattr(opt, attr)
+
+
 def range_order(name: str) -> tuple[int, str]:
-    return (RANGES.index(name) if name in RANGES else len(RANGES), name)
+    order = RANGES + SOAP_RANGES
+    return (order.index(name) if name in order else len(order), name)
 
 
 def profile_entry(
     entry: Entry, batches: list[torch.Tensor], args: argparse.Namespace
 ) -> dict[str, Any]:
-    """Per-phase seconds per step of one basis cycle, from two profiled windows."""
+    """Per-phase seconds per step of one basis cycle, from two profiled windows.
+
+    A window of whole cycles (a multiple of ``basis_every``, grid suite) is profiled
+    alone and divided by its length.
+    """
     w, basis_every = args.profile_window, args.basis_every
-    align_to_refresh(entry, basis_every)
-    windows = [profiled_window(entry, batches, w)]
-    if w < basis_every:
-        windows.append(profiled_window(entry, batches, w))
+    align_to_refresh(entry, basis_every, batches)
+    wrapped = soap_ranges(entry.opt) if entry.period else contextlib.nullcontext()
+    with wrapped:
+        windows = [profiled_window(entry, batches, w)]
+        if w < basis_every:
+            windows.append(profiled_window(entry, batches, w))
     weights = [1, basis_every // w - 1][: len(windows)]
+    cycle = max(w, basis_every)
 
     def combine(values: list[float]) -> float:
         """Per-step value of a basis cycle from the per-window values."""
-        return sum(wt * v for wt, v in zip(weights, values, strict=True)) / basis_every
+        return sum(wt * v for wt, v in zip(weights, values, strict=True)) / cycle
 
     out: dict[str, Any] = {
         "perf_counter": {
@@ -427,13 +633,14 @@ def targets_apply(args: argparse.Namespace) -> bool:
 
 def print_summary(entries: list[Entry], args: argparse.Namespace) -> None:
     ref = next(e for e in entries if e.name == REFERENCE)
+    width = max(14, 2 + max(len(e.name) for e in entries))
     print()
     print(
         f"Amortized time per step over a {args.basis_every}-step cycle, median of "
         f"{args.repeats} repeat(s), ms"
     )
     header = (
-        f"{'optimizer':<14}{'total':>9}{'forward':>9}{'backward':>9}{'step':>9}"
+        f"{'optimizer':<{width}}{'total':>9}{'forward':>9}{'backward':>9}{'step':>9}"
         f"{'x Adam':>8}{'min':>7}{'max':>7}{'target':>8}   ms/step refresh | plain window"
     )
     print(header)
@@ -450,7 +657,7 @@ def print_summary(entries: list[Entry], args: argparse.Namespace) -> None:
             else "-"
         )
         print(
-            f"{e.name:<14}"
+            f"{e.name:<{width}}"
             + "".join(
                 f"{1e3 * median_of(e, k):9.1f}" for k in ("total", "forward", "backward", "step")
             )
@@ -463,17 +670,88 @@ def print_summary(entries: list[Entry], args: argparse.Namespace) -> None:
         "the full model at batch 1000 with factor_every 10 and basis_every 100; ok if "
         "x Adam <= target)"
     )
+    if args.suite == "grid":
+        print_grid(entries, args)
+
+
+def soap_comparison(entries: list[Entry]) -> dict[str, Any] | None:
+    """KFE's SOAP (``adam`` on ``shampoo``) against pytorch-optimizer's, if both ran."""
+    by_name = {e.name: e for e in entries}
+    ours, theirs = by_name.get(SOAP_KFE), by_name.get(SOAP_NAME)
+    if ours is None or theirs is None:
+        return None
+    ratio = ratio_to_reference(ours, theirs)
+    return {
+        "kfe": SOAP_KFE,
+        "soap": SOAP_NAME,
+        "ratio": ratio,
+        "ratios_per_repeat": paired_ratios(ours, theirs),
+        "target": SOAP_TARGET,
+        "ok": ratio <= SOAP_TARGET,
+        "ms_per_step": {
+            name: {k: 1e3 * median_of(e, k) for k in ("total", "forward", "backward", "step")}
+            for name, e in ((SOAP_KFE, ours), (SOAP_NAME, theirs))
+        },
+    }
+
+
+def print_grid(entries: list[Entry], args: argparse.Namespace) -> None:
+    """Rule x basis matrix of the ratio to Adam, and KFE's SOAP against pytorch-optimizer's."""
+    ref = next(e for e in entries if e.name == REFERENCE)
+    cells = {(e.info["rule"], e.info["basis"]): e for e in entries if "rule" in e.info}
+    rules = sorted({r for r, _ in cells})
+    bases = sorted({b for _, b in cells})
+    print()
+    print("x Adam by rule (rows) and basis (columns); '-': incompatible or not run")
+    print(f"{'rule':<10}" + "".join(f"{b:>10}" for b in bases))
+    for rule in rules:
+        row = "".join(
+            f"{ratio_to_reference(cells[rule, b], ref):10.2f}"
+            if (rule, b) in cells
+            else f"{'-':>10}"
+            for b in bases
+        )
+        print(f"{rule:<10}{row}")
+    soap = next((e for e in entries if e.name == SOAP_NAME), None)
+    if soap is not None:
+        print(f"{SOAP_NAME} ({soap.label}): {ratio_to_reference(soap, ref):.2f} x Adam")
+    print()
+    cmp = soap_comparison(entries)
+    if cmp is None:
+        print(
+            f"KFE {SOAP_KFE} / {SOAP_NAME}: not available ({SOAP_NAME} or {SOAP_KFE} did not "
+            "run; pytorch-optimizer is an optional dependency)"
+        )
+        return
+    ms = cmp["ms_per_step"]
+    verdict = "ok" if cmp["ok"] else "NO"
+    print(
+        f"KFE {SOAP_KFE} / {SOAP_NAME}: {cmp['ratio']:.2f}x "
+        f"(per repeat {min(cmp['ratios_per_repeat']):.2f}-{max(cmp['ratios_per_repeat']):.2f}); "
+        f"target <= {SOAP_TARGET}x: {verdict}"
+    )
+    print(
+        f"  ms/step total {ms[SOAP_KFE]['total']:.1f} vs {ms[SOAP_NAME]['total']:.1f}; "
+        f"step alone {ms[SOAP_KFE]['step']:.1f} vs {ms[SOAP_NAME]['step']:.1f} "
+        f"({ms[SOAP_KFE]['step'] / ms[SOAP_NAME]['step']:.2f}x); "
+        f"forward + backward {ms[SOAP_KFE]['forward'] + ms[SOAP_KFE]['backward']:.1f} vs "
+        f"{ms[SOAP_NAME]['forward'] + ms[SOAP_NAME]['backward']:.1f}"
+    )
 
 
 def print_breakdown(entries: list[Entry], args: argparse.Namespace) -> None:
     print()
+    windows = (
+        f"one window of {args.profile_window} steps, whole cycles"
+        if args.profile_window >= args.basis_every
+        else f"one refresh window + one plain window of {args.profile_window} steps"
+    )
     print(
         f"Per-phase breakdown, ms/step amortized over a {args.basis_every}-step cycle "
-        f"(torch.profiler CPU; one refresh window + one plain window of "
-        f"{args.profile_window} steps, combined as above)"
+        f"(torch.profiler CPU; {windows}, combined as above)"
     )
     for e in entries:
-        if not e.is_kfe or not e.profile:
+        if not e.profile:
             continue
         p = e.profile
         pc = p["perf_counter"]
@@ -496,7 +774,8 @@ def print_breakdown(entries: list[Entry], args: argparse.Namespace) -> None:
                 )
             if p["ranges"][phase]:
                 rest = t - accounted
-                print(f"    {'(no kfe/ range)':<16}{fmt_ms(rest)}{'':>9}{100 * rest / t:8.1f}%")
+                outside = "(no soap/ range)" if e.period else "(no kfe/ range)"
+                print(f"    {outside:<16}{fmt_ms(rest)}{'':>9}{100 * rest / t:8.1f}%")
         ops = ", ".join(
             f"{k.removeprefix('aten::')} {1e3 * v:.1f}" for k, v in p["top_ops"]["step"].items()
         )
@@ -508,6 +787,14 @@ def print_breakdown(entries: list[Entry], args: argparse.Namespace) -> None:
         "momentum, p.add_ and zero_grad. Profiling inflates times: the table above it is "
         "the unprofiled measurement.)"
     )
+    if any(e.period and e.profile for e in entries):
+        print(
+            f"({SOAP_NAME}: soap/factors = update_pre_conditioner without the refresh (G G^T, "
+            "G^T G, lerp); soap/qr = get_orthogonal_matrix_qr (power iteration + QR, every "
+            "precondition_frequency steps); soap/project = project(), 3 per matrix per step "
+            "(gradient, exp_avg, and back); '(no soap/ range)': Adam moments, p.add_, "
+            "zero_grad. Ranges wrapped around SOAP's methods for the profile only.)"
+        )
 
 
 def environment(args: argparse.Namespace) -> dict[str, Any]:
@@ -597,9 +884,11 @@ def results_json(entries: list[Entry], args: argparse.Namespace, env: dict[str, 
                 "skipped_steps": e.skipped,
                 "final_loss": e.last_loss,
                 "profile": e.profile or None,
+                **({"settings": e.info} if e.info else {}),
             }
             for e in entries
         },
+        **({"soap_comparison": soap_comparison(entries)} if args.suite == "grid" else {}),
     }
 
 
@@ -610,28 +899,54 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
+    p.add_argument(
+        "--suite",
+        choices=("default", "grid"),
+        default="default",
+        help="default: SGD, Adam and the KFE optimizers with targets; grid: every compatible "
+        "rule x basis, torch Adam and pytorch-optimizer's SOAP, refreshing every 10 steps",
+    )
     p.add_argument("--batch", type=int, default=None, help="batch size (default 1000; 64 quick)")
-    p.add_argument("--factor-every", type=int, default=10)
-    p.add_argument("--basis-every", type=int, default=100)
+    p.add_argument(
+        "--factor-every", type=int, default=None, help="KFE factor cadence (default 10; grid 1)"
+    )
+    p.add_argument(
+        "--basis-every",
+        type=int,
+        default=None,
+        help="KFE basis cadence, and SOAP's precondition_frequency (default 100; grid 10)",
+    )
     p.add_argument(
         "--window",
         type=int,
         default=None,
         help="timed window in steps: a multiple of --factor-every dividing "
-        "--basis-every (default: --factor-every; see README)",
+        "--basis-every, or (grid) a multiple of --basis-every (default: --factor-every; "
+        "grid: --basis-every; see README)",
     )
     p.add_argument(
         "--warmup",
         type=int,
         default=None,
-        help="untimed steps per optimizer first (default: --factor-every)",
+        help="untimed steps per optimizer first (default: --factor-every; grid: --basis-every)",
     )
-    p.add_argument("--repeats", type=int, default=3, help="timed cycles per optimizer")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help=f"timed cycles per optimizer (default 3; grid {GRID_REPEATS})",
+    )
     p.add_argument(
         "--profile-window",
         type=int,
         default=None,
-        help="steps per profiled window (default: --factor-every); 0 disables",
+        help="steps per profiled window (default: --factor-every; grid: --basis-every); 0 disables",
+    )
+    p.add_argument(
+        "--profile-only",
+        default=None,
+        help="comma-separated optimizers to profile, or 'all' (default: every KFE optimizer; "
+        f"grid: {SOAP_KFE},{SOAP_NAME})",
     )
     p.add_argument("--top-ops", type=int, default=6, help="aten ops listed per KFE optimizer")
     p.add_argument(
@@ -644,10 +959,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--only", default="", help="comma-separated optimizer names (adam is always run)"
     )
     p.add_argument("--sgd-lr", type=float, default=0.01)
-    p.add_argument("--adam-lr", type=float, default=1e-3)
+    p.add_argument("--adam-lr", type=float, default=1e-3, help="torch Adam (and grid: SOAP)")
     p.add_argument("--kfe-lr", type=float, default=1e-3)
     p.add_argument("--damping", type=float, default=1e-2)
-    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--momentum", type=float, default=0.9, help="KFE heavy ball (grid: not adam)")
+    p.add_argument(
+        "--factor-decay",
+        type=float,
+        default=0.95,
+        help="grid: KFE factor_decay and SOAP shampoo_beta",
+    )
+    p.add_argument(
+        "--eigensolver",
+        choices=("eigh", "power_qr"),
+        default="eigh",
+        help="KFE refresh: exact eigh, or SOAP's warm-started power step + QR",
+    )
     p.add_argument("--batches", type=int, default=4, help="distinct synthetic batches cycled")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
@@ -655,32 +982,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--quick", action="store_true", help="tiny smoke run: small widths, batch 64, a few steps"
     )
     args = p.parse_args(argv)
+    grid = args.suite == "grid"
     args.dims = FULL_DIMS
+    if args.factor_every is None:
+        args.factor_every = 1 if grid else 10
+    if args.basis_every is None:
+        args.basis_every = 10 if grid else 100
+    if args.repeats is None:
+        args.repeats = GRID_REPEATS if grid else 3
     if args.quick:
         args.dims = QUICK_DIMS
-        args.factor_every, args.basis_every = 2, 4
+        if grid:
+            args.factor_every, args.basis_every = 1, 4
+        else:
+            args.factor_every, args.basis_every = 2, 4
+            args.window = args.window or 2
         args.repeats = min(args.repeats, 2)
-        args.window = args.window or 2
         args.top_ops = min(args.top_ops, 3)
     if args.threads is None:
         args.threads = 1 if args.quick else len(os.sched_getaffinity(0))
     if args.batch is None:
         args.batch = 64 if args.quick else 1000
+    cycle = args.basis_every if grid else args.factor_every
     if args.window is None:
-        args.window = args.factor_every
+        args.window = cycle
     if args.warmup is None:
-        args.warmup = args.factor_every
+        args.warmup = cycle
     if args.profile_window is None:
-        args.profile_window = args.factor_every
+        args.profile_window = cycle
+    if args.profile_only is None:
+        args.profile_only = f"{SOAP_KFE},{SOAP_NAME}" if grid else "kfe"
     for flag in ("window", "profile_window"):
         w = getattr(args, flag)
         if flag == "profile_window" and w == 0:
             continue
-        if w <= 0 or w % args.factor_every or args.basis_every % w:
+        whole_cycles = grid and w > 0 and w % args.basis_every == 0
+        if not whole_cycles and (w <= 0 or w % args.factor_every or args.basis_every % w):
             p.error(
                 f"--{flag.replace('_', '-')} {w}: must be a positive multiple of "
                 f"--factor-every ({args.factor_every}) that divides --basis-every "
-                f"({args.basis_every})"
+                f"({args.basis_every})" + (", or a multiple of --basis-every" if grid else "")
             )
     return args
 
@@ -694,6 +1035,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     finally:
         torch.set_num_threads(threads_before)
         gc.unfreeze()
+
+
+def is_profiled(entry: Entry, args: argparse.Namespace) -> bool:
+    """``--profile-only``: ``kfe`` (the default suite's default), ``all`` or names."""
+    if args.profile_only == "kfe":
+        return entry.is_kfe
+    if args.profile_only == "all":
+        return entry.is_kfe or bool(entry.period)
+    return entry.name in args.profile_only.split(",")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -723,6 +1073,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"basis_every {args.basis_every}; window {args.window}, warm-up {args.warmup}, "
         f"repeats {args.repeats}, profile window {args.profile_window}"
     )
+    if args.suite == "grid":
+        print(
+            "grid suite: torch Adam, pytorch-optimizer's SOAP (precondition_frequency "
+            f"{args.basis_every}) and every compatible KFE rule x basis (lambda_every 1); "
+            f"profiled: {args.profile_only}"
+        )
     sys.stdout.flush()
 
     def log(msg: str) -> None:
@@ -732,6 +1088,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     base = autoencoder(args.dims)
     batches = [torch.rand(args.batch, args.dims[0]) for _ in range(args.batches)]
     entries = build_entries(args, base)
+    if args.suite == "grid":
+        env["pytorch_optimizer"] = getattr(args, "soap_version", None)
     gc.collect()
     gc.freeze()  # setup objects out of the collector's way: later collections are cheap
     with warnings.catch_warnings(record=True) as caught:
@@ -739,7 +1097,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         benchmark(entries, batches, args, log)
         if args.profile_window:
             for e in entries:
-                if e.is_kfe:
+                if is_profiled(e, args):
                     e.profile = profile_entry(e, batches, args)
                     log(f"  profiled {e.name}")
     env["loadavg_end"] = list(os.getloadavg())

@@ -99,20 +99,21 @@ def _match(old: Tensor, new: Tensor) -> Tensor:
     The greedy matching takes the largest ``|old_i . new_j|`` among unmatched pairs,
     again and again. It is computed in rounds: every pair that is each other's best
     among the unmatched is in it, so each round matches all such pairs at once (one
-    round when no two old vectors prefer the same new one, as after a re-sort).
+    round when no two old vectors prefer the same new one, as after a re-sort), and
+    the next round looks only at the rows and columns still unmatched.
     """
     overlap = (old.mT @ new).abs()
     n = overlap.shape[0]
-    index = torch.arange(n, device=overlap.device)
     perm = torch.full((n,), -1, dtype=torch.long, device=overlap.device)
-    free_rows = torch.ones(n, dtype=torch.bool, device=overlap.device)
-    free_cols = free_rows.clone()
-    while bool(free_rows.any()):
-        masked = overlap.masked_fill(~free_rows[:, None] | ~free_cols[None, :], -1.0)
-        best_col = masked.argmax(dim=1)
-        best_row = masked.argmax(dim=0)
-        mutual = free_rows & (best_row[best_col] == index)
-        perm[mutual] = best_col[mutual]
-        free_rows &= ~mutual
-        free_cols[best_col[mutual]] = False
+    rows = torch.arange(n, device=overlap.device)
+    cols = rows.clone()
+    while rows.numel():
+        sub = overlap[rows][:, cols]
+        best_col = sub.argmax(dim=1)
+        best_row = sub.argmax(dim=0)
+        mutual = best_row[best_col] == torch.arange(rows.numel(), device=overlap.device)
+        perm[rows[mutual]] = cols[best_col[mutual]]
+        taken = torch.zeros(cols.numel(), dtype=torch.bool, device=overlap.device)
+        taken[best_col[mutual]] = True
+        rows, cols = rows[~mutual], cols[~taken]
     return perm

@@ -321,15 +321,22 @@ class KFEOptimizer(torch.optim.Optimizer):
         if refreshed is not None:
             basis = refreshed
             self._padded.pop(block, None)
-        fast = self._padded.get(block)
-        if fast is None:
-            fast = self._padded[block] = basis.padded()
+        # before its first successful refresh (always, for the identity source) a block's
+        # basis is the identity: rotations are skipped, not multiplied out
+        fast = None
+        if st[K.REFRESHES]:
+            fast = self._padded.get(block)
+            if fast is None:
+                fast = self._padded[block] = basis.padded()
 
         squares = None
         if self._wants_squares and pairs and (self._due(cfg.lambda_every) or refreshed):
             with record_function("kfe/lambda"):
                 squares = squared_projections(
-                    pairs, fast.U_B, fast.U_A, chunk_bytes=cfg.lambda_chunk_mb * 2**20
+                    pairs,
+                    fast.U_B if fast else None,
+                    fast.U_A if fast else None,
+                    chunk_bytes=cfg.lambda_chunk_mb * 2**20,
                 )
             if not torch.isfinite(squares).all():
                 self._warn_once(
@@ -351,11 +358,11 @@ class KFEOptimizer(torch.optim.Optimizer):
             direction, rule_state = shortcut
         else:
             with record_function("kfe/project"):
-                projected = fast.project(grad)
+                projected = fast.project(grad) if fast else grad
             with record_function("kfe/rule"):
                 projected, rule_state = self.rule.update(projected, rule_state, ctx)
             with record_function("kfe/unproject"):
-                direction = fast.unproject(projected)
+                direction = fast.unproject(projected) if fast else projected
         st[K.RULE] = self.rule.state_to_dict(rule_state)
         self._apply(st, group, direction, block.params, block.split)
 

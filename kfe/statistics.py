@@ -57,28 +57,30 @@ def batch_factors(pairs: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tenso
 
 def squared_projections(
     pairs: Sequence[tuple[Tensor, Tensor]],
-    U_B: Tensor,
-    U_A: Tensor,
+    U_B: Tensor | None,
+    U_A: Tensor | None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> Tensor:
     """``E_i[(U_B^T G_i U_A)^2]`` over the examples of one step's captures.
 
-    ``U_B``, ``U_A`` may be zero-padded (:func:`kfe.basis.pad_square`); the result has
-    the unpadded shape ``(d_out, d_in)``.
+    ``U_B``, ``U_A`` may be zero-padded (:func:`kfe.basis.pad_square`), or both ``None``
+    for the identity basis; the result has the unpadded shape ``(d_out, d_in)``.
     """
     total: Tensor | None = None
     n_examples = 0
     d_out, d_in = pairs[0][1].shape[-1], pairs[0][0].shape[-1]
     for x, g in pairs:
         n, T = x.shape[0], x.shape[1]
-        xp = F.pad(x, (0, U_A.shape[0] - d_in)) @ U_A  # (n, T, d_in [padded])
-        gp = F.pad(g, (0, U_B.shape[0] - d_out)) @ U_B  # (n, T, d_out [padded])
+        xp, gp = x, g  # (n, T, d_in), (n, T, d_out), padded if the basis is
+        if U_A is not None and U_B is not None:
+            xp = F.pad(x, (0, U_A.shape[0] - d_in)) @ U_A
+            gp = F.pad(g, (0, U_B.shape[0] - d_out)) @ U_B
         if T == 1:
             part = gp[:, 0].square().mT @ xp[:, 0].square()
         else:
-            per_example = U_B.shape[0] * U_A.shape[0] * x.element_size()
+            per_example = gp.shape[-1] * xp.shape[-1] * x.element_size()
             step = max(1, chunk_bytes // per_example)
-            part = torch.zeros(U_B.shape[0], U_A.shape[0], dtype=x.dtype, device=x.device)
+            part = torch.zeros(gp.shape[-1], xp.shape[-1], dtype=x.dtype, device=x.device)
             for s in range(0, n, step):
                 proj = gp[s : s + step].mT @ xp[s : s + step]  # (chunk, d_out, d_in)
                 part += proj.square().sum(0)

@@ -1,0 +1,50 @@
+"""The benchmark scripts run (smoke size); they never assert on wall-clock time."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("suite", [[], ["--suite", "grid"]], ids=["default", "grid"])
+def test_step_time_quick(tmp_path: Path, suite: list[str]) -> None:
+    out = tmp_path / "result.json"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "step_time.py"),
+            "--quick",
+            *suite,
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "x Adam" in result.stdout
+    data = json.loads(out.read_text())
+    text = json.dumps(data)
+    assert "adam" in text
+    numbers = [v for v in _walk(data) if isinstance(v, float)]
+    assert numbers and all(math.isfinite(v) or math.isnan(v) for v in numbers)
+
+
+def _walk(value):
+    if isinstance(value, dict):
+        for v in value.values():
+            yield from _walk(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _walk(v)
+    else:
+        yield value
