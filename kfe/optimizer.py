@@ -377,14 +377,15 @@ class KFEOptimizer(torch.optim.Optimizer):
         if found is None:
             return
         A, B = found
-        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+        # Gram matrices: |A_jk| <= sqrt(A_jj A_kk), so finite diagonals mean finite factors
+        if not bool(torch.cat([A.diagonal(), B.diagonal()]).isfinite().all()):
             self._warn_once(
                 f"factors:{block.name}",
                 f"layer {block.name!r}: non-finite factor statistics skipped",
             )
             return
         if K.FACTOR_A not in st:
-            st[K.FACTOR_A], st[K.FACTOR_B] = A, B
+            st[K.FACTOR_A], st[K.FACTOR_B] = A.contiguous(), B.contiguous()
         else:
             weight = 1 - self.config.factor_decay
             st[K.FACTOR_A].lerp_(A, weight)

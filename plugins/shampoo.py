@@ -14,9 +14,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Literal
 
+import torch
 from torch import Tensor
 
 from kfe import BasisSource, BasisSourceConfig, hookimpl
+from kfe.basis import PAD_MULTIPLE
 
 
 class ShampooBasisConfig(BasisSourceConfig):
@@ -37,7 +39,16 @@ class ShampooBasis(BasisSource):
     def batch_factors(
         self, grad: Tensor, pairs: Sequence[tuple[Tensor, Tensor]]
     ) -> tuple[Tensor, Tensor] | None:
-        return grad.mT @ grad, grad @ grad.mT
+        padded = _pad_to_multiple(grad)  # BLAS is slow on the odd sizes a bias column makes
+        rows, cols = grad.shape
+        return (padded.mT @ padded)[:cols, :cols], (padded @ padded.mT)[:rows, :rows]
+
+
+def _pad_to_multiple(matrix: Tensor) -> Tensor:
+    extra_rows, extra_cols = ((-n) % PAD_MULTIPLE for n in matrix.shape)
+    if not (extra_rows or extra_cols):
+        return matrix
+    return torch.nn.functional.pad(matrix, (0, extra_cols, 0, extra_rows))
 
 
 @hookimpl
