@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from kfe.adapter import LayerAdapter
+from kfe.basis import PAD_MULTIPLE
 
 __all__ = ["LayerBlock"]
 
@@ -50,7 +51,15 @@ class LayerBlock:
         return [matrix[:, :-1].reshape(self.weight.shape), matrix[:, -1]]
 
     def augment(self, x: Tensor) -> Tensor:
-        """Append the homogeneous coordinate (a column of ones) when there is a bias."""
-        if self.bias is None:
+        """Append the homogeneous coordinate (a column of ones) when there is a bias, then
+        zero columns up to a multiple of :data:`kfe.basis.PAD_MULTIPLE` (one allocation;
+        BLAS is slow on odd sizes). Statistics cut the padding off their results."""
+        width = x.shape[-1] + (self.bias is not None)
+        padded = width + (-width) % PAD_MULTIPLE
+        if padded == x.shape[-1]:
             return x
-        return torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
+        out = x.new_zeros(*x.shape[:-1], padded)
+        out[..., : x.shape[-1]] = x
+        if self.bias is not None:
+            out[..., x.shape[-1]] = 1
+        return out

@@ -336,6 +336,7 @@ class KFEOptimizer(torch.optim.Optimizer):
                     pairs,
                     fast.U_B if fast else None,
                     fast.U_A if fast else None,
+                    d_in=grad.shape[1],
                     chunk_bytes=cfg.lambda_chunk_mb * 2**20,
                 )
             if not torch.isfinite(squares).all():

@@ -36,8 +36,13 @@ __all__ = ["batch_factors", "squared_projections"]
 DEFAULT_CHUNK_BYTES = 64 * 2**20
 
 
-def batch_factors(pairs: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
-    """``(A, B)`` of one step's captures (several forwards count as one larger batch)."""
+def batch_factors(
+    pairs: Sequence[tuple[Tensor, Tensor]], d_in: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """``(A, B)`` of one step's captures (several forwards count as one larger batch).
+
+    ``x`` may carry zero padding columns after its first ``d_in`` (the result is cut).
+    """
     a_sum: Tensor | None = None
     b_sum: Tensor | None = None
     n_examples = 0
@@ -52,31 +57,40 @@ def batch_factors(pairs: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tenso
         n_examples += x.shape[0]
         n_positions += xf.shape[0]
     assert a_sum is not None and b_sum is not None, "no captures"
-    return a_sum / n_positions, b_sum / n_examples
+    return a_sum[:d_in, :d_in] / n_positions, b_sum / n_examples
 
 
 def squared_projections(
     pairs: Sequence[tuple[Tensor, Tensor]],
     U_B: Tensor | None,
     U_A: Tensor | None,
+    d_in: int | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> Tensor:
     """``E_i[(U_B^T G_i U_A)^2]`` over the examples of one step's captures.
 
     ``U_B``, ``U_A`` may be zero-padded (:func:`kfe.basis.pad_square`), or both ``None``
-    for the identity basis; the result has the unpadded shape ``(d_out, d_in)``.
+    for the identity basis; ``x`` may carry zero padding columns after its first
+    ``d_in``. The result has the unpadded shape ``(d_out, d_in)``.
     """
     total: Tensor | None = None
     n_examples = 0
-    d_out, d_in = pairs[0][1].shape[-1], pairs[0][0].shape[-1]
+    d_out = pairs[0][1].shape[-1]
     for x, g in pairs:
         n, T = x.shape[0], x.shape[1]
+        rotated = U_A is not None and U_B is not None
         xp, gp = x, g  # (n, T, d_in), (n, T, d_out), padded if the basis is
         if U_A is not None and U_B is not None:
-            xp = F.pad(x, (0, U_A.shape[0] - d_in)) @ U_A
+            xp = F.pad(x, (0, U_A.shape[0] - x.shape[-1])) @ U_A
             gp = F.pad(g, (0, U_B.shape[0] - d_out)) @ U_B
         if T == 1:
-            part = gp[:, 0].square().mT @ xp[:, 0].square()
+            # fresh matmul outputs are squared in place; captured tensors are not touched
+            xs, gs = (
+                (xp[:, 0].square_(), gp[:, 0].square_())
+                if rotated
+                else (xp[:, 0].square(), gp[:, 0].square())
+            )
+            part = gs.mT @ xs
         else:
             per_example = gp.shape[-1] * xp.shape[-1] * x.element_size()
             step = max(1, chunk_bytes // per_example)

@@ -28,7 +28,7 @@ class KFACBasis(BasisSource):
     def batch_factors(
         self, grad: Tensor, pairs: Sequence[tuple[Tensor, Tensor]]
     ) -> tuple[Tensor, Tensor] | None:
-        return batch_factors(pairs) if pairs else None
+        return batch_factors(pairs, grad.shape[1]) if pairs else None
 
 
 @hookimpl
