@@ -345,12 +345,7 @@ class KFEOptimizer(torch.optim.Optimizer):
                     f"layer {block.name!r}: non-finite per-example statistics skipped",
                 )
                 squares = None
-        ctx = RuleContext(
-            group=group,
-            eigenvalues=(basis.b, basis.a) if self.source.fisher_eigenvalues else None,
-            squared_projections=squares,
-            basis=(basis.U_B, basis.U_A),
-        )
+        ctx = self._context(group, basis, squares)
         if refreshed is not None:
             rule_state = self._change_basis(rule_state, previous, refreshed, grad, ctx)
         with record_function("kfe/rule"):
@@ -496,5 +491,11 @@ class KFEOptimizer(torch.optim.Optimizer):
         """The context the rule would see for ``block`` now (no fresh statistics)."""
         basis = Eigenbasis(**self.state[block.weight][K.BASIS])
         group = next(g for g in self.param_groups if any(p is block.weight for p in g["params"]))
+        return self._context(group, basis, None)
+
+    def _context(
+        self, group: Mapping[str, Any], basis: Eigenbasis, squares: Tensor | None
+    ) -> RuleContext:
+        """What the rule sees: eigenvalues only where the source has Fisher ones."""
         eigenvalues = (basis.b, basis.a) if self.source.fisher_eigenvalues else None
-        return RuleContext(group, eigenvalues, None, (basis.U_B, basis.U_A))
+        return RuleContext(group, eigenvalues, squares, (basis.U_B, basis.U_A))

@@ -78,9 +78,9 @@ def squared_projections(
     d_out = pairs[0][1].shape[-1]
     for x, g in pairs:
         n, T = x.shape[0], x.shape[1]
-        rotated = U_A is not None and U_B is not None
         xp, gp = x, g  # (n, T, d_in), (n, T, d_out), padded if the basis is
-        if U_A is not None and U_B is not None:
+        rotated = U_A is not None and U_B is not None
+        if U_A is not None and U_B is not None:  # (spelt out for the type checker)
             xp = F.pad(x, (0, U_A.shape[0] - x.shape[-1])) @ U_A
             gp = F.pad(g, (0, U_B.shape[0] - d_out)) @ U_B
         if T == 1:
