@@ -1,0 +1,208 @@
+"""The ``kfe`` command: train, ablate, report, profile, diagnose, and what is registered.
+
+::
+
+    kfe train CONFIG [--out DIR] [--resume] [--set path.to.field=value ...] [--profile]
+    kfe ablate CONFIG [--out DIR] [--workers N] [--set ...]
+    kfe report RUN_DIR [--out DIR] [--target LOSS ...]
+    kfe profile CONFIG [--out DIR] [--steps N] [--set ...]
+    kfe diagnose CONFIG --layer NAME [--every N] [--out DIR] [--set ...]
+    kfe rules            # registered rules, bases and layer types with their fields
+    kfe schema           # JSON Schema of the experiment config
+
+A bad config, an unknown field or a missing dataset ends with exit code 2 and one
+message per problem naming the field path and the allowed values; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from kfe.experiment.config import (
+    ConfigError,
+    ExperimentConfigBase,
+    apply_overrides,
+    experiment_model,
+    load_experiment,
+    read_mapping,
+    validate_experiment,
+)
+
+__all__ = ["main"]
+
+USAGE_ERROR = 2
+
+
+def _config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", type=Path, help="experiment config (YAML or JSON)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="PATH=VALUE",
+        help="override a config field, e.g. --set optimizer.lr=0.01 (repeatable)",
+    )
+    parser.add_argument("--out", type=Path, help="output folder (default: runs/<name>)")
+
+
+def _out(args: argparse.Namespace, config: ExperimentConfigBase, suffix: str = "") -> Path:
+    return args.out or Path("runs") / f"{config.name}{suffix}"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from kfe.experiment.setup import build_experiment
+    from kfe.experiment.train import train
+
+    config = load_experiment(args.config, args.overrides)
+    out = _out(args, config)
+    exp = build_experiment(config)
+    if args.profile:
+        from kfe.experiment.profile import profile_experiment
+
+        profile_experiment(exp, out / "profile", steps=args.profile_steps)
+        exp = build_experiment(config)  # the profiled steps do not count
+    last = train(config, out, resume=args.resume, experiment=exp)
+    if exp.is_main:
+        print(json.dumps({"run_dir": str(out), **last}))
+    return 0
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from kfe.experiment.ablate import run_ablation
+
+    raw = apply_overrides(read_mapping(args.config), args.overrides)
+    config = validate_experiment(raw)
+    rows = run_ablation(config, raw, _out(args, config, "-ablation"), workers=args.workers)
+    failed = [r["run_id"] for r in rows if r["status"] != "done"]
+    print(f"results: {_out(args, config, '-ablation') / 'results.csv'}")
+    if failed:
+        print(f"runs not done: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from kfe.experiment.report import write_report
+
+    if not args.run_dir.exists():
+        raise ConfigError(f"RUN_DIR: {args.run_dir} does not exist")
+    files = write_report(args.run_dir, args.out, targets=args.target or None)
+    print(files)
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from kfe.experiment.profile import profile_experiment
+    from kfe.experiment.setup import build_experiment
+
+    config = load_experiment(args.config, args.overrides)
+    exp = build_experiment(config)
+    profile_experiment(exp, args.out or Path("runs") / f"{config.name}-profile", args.steps)
+    return 0
+
+
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    from kfe.experiment.diagnose import diagnose_experiment
+
+    config = load_experiment(args.config, args.overrides)
+    out = args.out or Path("runs") / f"{config.name}-diagnose"
+    diagnose_experiment(config, out, layers=args.layer, every=args.every, steps=args.steps)
+    return 0
+
+
+def cmd_rules(args: argparse.Namespace) -> int:
+    from kfe.registry import default_registry
+
+    registry = default_registry()
+
+    def fields(config_cls: Any) -> str:
+        parts = []
+        for name, info in config_cls.model_fields.items():
+            if name == "name":
+                continue
+            parts.append(f"{name}={info.default!r}")
+        return ", ".join(parts) or "-"
+
+    print("rules:")
+    for name, rule in sorted(registry.rules.items()):
+        needs = ",".join(sorted(s.value for s in rule.needs)) or "nothing"
+        print(f"  {name:<10} needs={needs:<20} {fields(rule.Config)}")
+    print("bases:")
+    for name, source in sorted(registry.bases.items()):
+        print(f"  {name:<10} {fields(source.Config)}")
+    print("layer types:")
+    for layer in registry.adapters:
+        print(f"  {layer.__module__}.{layer.__qualname__}")
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    print(json.dumps(experiment_model().model_json_schema(), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kfe", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands: list[tuple[str, Callable[[argparse.Namespace], int], str]] = [
+        ("train", cmd_train, "train one config"),
+        ("ablate", cmd_ablate, "run the config's ablation grid"),
+        ("report", cmd_report, "plots and a summary of a run or an ablation"),
+        ("profile", cmd_profile, "profile a few steps (TensorBoard trace + phase table)"),
+        ("diagnose", cmd_diagnose, "curvature approximation error over training"),
+        ("rules", cmd_rules, "registered rules, bases and layer types"),
+        ("schema", cmd_schema, "JSON Schema of the experiment config"),
+    ]
+    parsers = {}
+    for name, func, help_text in commands:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(func=func)
+        parsers[name] = p
+    for name in ("train", "ablate", "profile", "diagnose"):
+        _config_args(parsers[name])
+    parsers["train"].add_argument(
+        "--resume", action="store_true", help="continue from OUT/checkpoint.pt"
+    )
+    parsers["train"].add_argument(
+        "--profile", action="store_true", help="profile a few steps first (OUT/profile)"
+    )
+    parsers["train"].add_argument("--profile-steps", type=int, default=3, metavar="N")
+    parsers["ablate"].add_argument("--workers", type=int, help="parallel worker processes")
+    parsers["report"].add_argument("run_dir", type=Path, help="a run or an ablation folder")
+    parsers["report"].add_argument("--out", type=Path, help="default: RUN_DIR/report")
+    parsers["report"].add_argument(
+        "--target", type=float, action="append", help="target loss for time-to-target"
+    )
+    parsers["profile"].add_argument("--steps", type=int, default=3, help="active steps")
+    diagnose = parsers["diagnose"]
+    diagnose.add_argument("--layer", action="append", required=True, help="layer name")
+    diagnose.add_argument("--every", type=int, default=10, help="sample every N steps")
+    diagnose.add_argument("--steps", type=int, help="training steps (default: the config's)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``kfe`` console script; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"kfe {args.command}: error:\n{_indent(str(exc))}", file=sys.stderr)
+        return USAGE_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _indent(text: str) -> str:
+    return "\n".join(f"  {line}" for line in text.splitlines())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

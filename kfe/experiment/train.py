@@ -1,0 +1,315 @@
+"""The training loop of ``kfe train``: epochs of shuffled minibatches, evaluation after
+each epoch, metrics as JSONL and TensorBoard scalars, checkpoints that resume exactly.
+
+Run folder::
+
+    RUN_DIR/config.yaml      the validated config
+    RUN_DIR/metrics.jsonl    one row per evaluation (epoch 0 = before training)
+    RUN_DIR/checkpoint.pt    model + optimizer + config + counters + RNG states
+    RUN_DIR/summary.json     written when the run finishes (``kfe ablate`` skips those)
+    RUN_DIR/tb/              TensorBoard scalars
+
+*Time* is training wall-clock only: the clock stops during evaluation and checkpoints
+(on CUDA it is read after a device synchronisation). *Exact resume*: the data order of
+epoch ``e`` comes from a generator seeded with ``(seed, e)``, the Monte Carlo Fisher
+generator's state is checkpointed, and checkpoints are written at epoch ends, so a run
+resumed from epoch ``e`` continues bit for bit as if it had not stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from kfe.experiment.checkpoint import (
+    CHECKPOINT,
+    load_checkpoint,
+    save_checkpoint,
+    write_json,
+    write_yaml,
+)
+from kfe.experiment.config import (
+    ConfigError,
+    ExperimentConfigBase,
+    TorchOptimizerConfig,
+    dump_experiment,
+)
+from kfe.experiment.setup import Experiment, build_experiment
+from kfe.registry import Registry
+
+__all__ = ["batches", "evaluate", "train", "train_step"]
+
+RESUMABLE_CHANGES = frozenset({"epochs", "max_steps", "progress", "tensorboard", "name"})
+"""Config fields that may differ between a checkpoint and the run that resumes it."""
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> Tensor:
+    """The shuffled example order of an epoch, from ``(seed, epoch)`` alone."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+def batches(exp: Experiment, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """This rank's slice of each global minibatch of an epoch (the last partial batch is
+    dropped, so every step sees the same number of examples)."""
+    data, size = exp.data, exp.config.data.batch_size
+    order = epoch_order(len(data.x_train), exp.config.seed, epoch).to(exp.device)
+    local = size // exp.world_size
+    for start in range(0, len(order) - size + 1, size):
+        idx = order[start + exp.rank * local : start + (exp.rank + 1) * local]
+        yield data.x_train[idx], data.y_train[idx]
+
+
+def train_step(
+    exp: Experiment, x: Tensor, y: Tensor, generator: torch.Generator | None = None
+) -> Tensor:
+    """One optimizer step on a minibatch; returns the detached loss (no host sync)."""
+    opt = exp.optimizer
+    opt.zero_grad(set_to_none=True)
+    out = exp.model(x)
+    kfe_opt = exp.kfe
+    if kfe_opt is not None and exp.true_fisher:
+        kfe_opt.sample_fisher(out, exp.config.loss_kind, generator)
+    loss = exp.loss(out, x, y)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
+@torch.no_grad()
+def evaluate(exp: Experiment, x: Tensor, y: Tensor) -> tuple[float, float | None]:
+    """Mean loss (and accuracy for classifiers) over ``x``, in eval mode."""
+    module, size = exp.module, exp.config.data.eval_batch_size
+    was_training = module.training
+    module.eval()
+    total = torch.zeros((), dtype=torch.float64, device=x.device)
+    correct = torch.zeros((), dtype=torch.float64, device=x.device)
+    for start in range(0, len(x), size):
+        xb, yb = x[start : start + size], y[start : start + size]
+        out = module(xb)
+        total += exp.loss(out, xb, yb).double() * len(xb)
+        if exp.config.loss_kind == "cross_entropy":
+            correct += (out.argmax(-1) == yb).sum()
+    module.train(was_training)
+    n = max(len(x), 1)
+    accuracy = float(correct) / n if exp.config.loss_kind == "cross_entropy" else None
+    return float(total) / n, accuracy
+
+
+class RunLog:
+    """Metrics rows to JSONL and TensorBoard (main rank only)."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        self.enabled = enabled
+        self.writer: Any = None
+        if enabled and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(run_dir / "tb"))
+
+    def truncate_after(self, epoch: int) -> list[dict[str, Any]]:
+        """Keep rows up to ``epoch`` (rows after the checkpoint are replayed on resume)."""
+        rows = read_metrics(self.path)
+        kept = [r for r in rows if r["epoch"] <= epoch]
+        if self.enabled:
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        return kept
+
+    def write(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.writer is not None:
+            for key, value in row.items():
+                if key not in ("epoch", "step") and value is not None:
+                    self.writer.add_scalar(key, value, row["step"])
+            self.writer.add_scalar("time_vs_epoch", row["time"], row["epoch"])
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _check_resumable(saved: dict[str, Any], config: ExperimentConfigBase) -> None:
+    current = dump_experiment(config)
+    changed = sorted(
+        k
+        for k in set(saved) | set(current)
+        if k not in RESUMABLE_CHANGES and k != "ablate"
+        if saved.get(k) != current.get(k)
+    )
+    if changed:
+        raise ConfigError(
+            f"{', '.join(changed)}: differ from the checkpoint's config; only "
+            f"{', '.join(sorted(RESUMABLE_CHANGES))} may change on --resume"
+        )
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train(
+    config: ExperimentConfigBase,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    registry: Registry | None = None,
+    experiment: Experiment | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train ``config`` into ``run_dir``; returns the last metrics row.
+
+    With ``resume``, continue from ``run_dir/checkpoint.pt`` (same config except
+    :data:`RESUMABLE_CHANGES`, e.g. more ``epochs``). ``extra`` is added to
+    ``summary.json`` (``kfe ablate`` records the run's grid axes there).
+    """
+    exp = experiment or build_experiment(config, registry)
+    run_dir = Path(run_dir)
+    main = exp.is_main
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    log = RunLog(run_dir, main, config.tensorboard)
+    generator = torch.Generator(device=exp.device).manual_seed(config.seed + 7919 * exp.rank)
+    epoch, step, elapsed = 0, 0, 0.0
+    checkpoint_path = run_dir / CHECKPOINT
+    if resume:
+        state = load_checkpoint(checkpoint_path, exp.device)
+        _check_resumable(state["config"], config)
+        exp.module.load_state_dict(state["model"])
+        exp.optimizer.load_state_dict(state["optimizer"])
+        saved = state["generator"]  # one per rank of the saving run
+        generator.set_state(saved[min(exp.rank, len(saved) - 1)].cpu())
+        epoch, step, elapsed = state["epoch"], state["step"], state["time"]
+        rows = log.truncate_after(epoch)
+        last = rows[-1] if rows else None
+    else:
+        if main:
+            (run_dir / "summary.json").unlink(missing_ok=True)
+            log.path.unlink(missing_ok=True)
+        last = _evaluate_row(exp, epoch, step, elapsed, None)
+        log.write(last)
+    if main:
+        write_yaml(run_dir / "config.yaml", dump_experiment(config))
+
+    show = config.progress and main and sys.stderr.isatty()
+    from tqdm import tqdm
+
+    steps_per_epoch = len(exp.data.x_train) // config.data.batch_size
+    epochs = tqdm(
+        range(epoch + 1, config.epochs + 1),
+        desc=config.label,
+        disable=not show,
+        initial=epoch,
+        total=config.epochs,
+    )
+    for epoch in epochs:
+        if config.max_steps is not None and step >= config.max_steps:
+            break
+        _sync(exp.device)
+        start = time.perf_counter()
+        batch_losses = []
+        for x, y in tqdm(batches(exp, epoch), total=steps_per_epoch, leave=False, disable=not show):
+            batch_losses.append(train_step(exp, x, y, generator))
+            step += 1
+            if config.max_steps is not None and step >= config.max_steps:
+                break
+        _sync(exp.device)
+        elapsed += time.perf_counter() - start
+        batch_loss = float(torch.stack(batch_losses).mean()) if batch_losses else None
+        last = _evaluate_row(exp, epoch, step, elapsed, batch_loss)
+        log.write(last)
+        epochs.set_postfix(loss=f"{last['train_loss']:.4g}")
+        finished = epoch == config.epochs or (
+            config.max_steps is not None and step >= config.max_steps
+        )
+        if epoch % config.checkpoint_every == 0 or finished:
+            _save(exp, checkpoint_path, epoch, step, elapsed, generator)
+        if not math.isfinite(last["train_loss"]):
+            break
+    log.close()
+    if main and last is not None:
+        write_json(run_dir / "summary.json", {**summary(config, last), **(extra or {})})
+    return last or {}
+
+
+def _evaluate_row(
+    exp: Experiment, epoch: int, step: int, elapsed: float, batch_loss: float | None
+) -> dict[str, Any]:
+    data = exp.data
+    limit = exp.config.data.eval_train_limit
+    train_loss, _ = evaluate(exp, data.x_train[:limit], data.y_train[:limit])
+    test_loss, test_accuracy = evaluate(exp, data.x_test, data.y_test)
+    return {
+        "epoch": epoch,
+        "step": step,
+        "time": elapsed,
+        "train_loss": train_loss,
+        "test_loss": test_loss,
+        "test_accuracy": test_accuracy,
+        "batch_loss": batch_loss,
+    }
+
+
+def _save(
+    exp: Experiment,
+    path: Path,
+    epoch: int,
+    step: int,
+    elapsed: float,
+    generator: torch.Generator,
+) -> None:
+    # every rank's Monte Carlo generator state, gathered so any world size can resume
+    states = [generator.get_state()]
+    if exp.world_size > 1:
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * exp.world_size
+        dist.all_gather_object(gathered, states[0])
+        states = gathered
+    if not exp.is_main:
+        return
+    save_checkpoint(
+        path,
+        {
+            "model": exp.module.state_dict(),
+            "optimizer": exp.optimizer.state_dict(),
+            "config": dump_experiment(exp.config),
+            "epoch": epoch,
+            "step": step,
+            "time": elapsed,
+            "generator": states,
+        },
+    )
+
+
+def summary(config: ExperimentConfigBase, last: dict[str, Any]) -> dict[str, Any]:
+    """What ``kfe report`` and ``kfe ablate`` read about a finished run."""
+    opt = config.optimizer_section
+    damping = None if isinstance(opt, TorchOptimizerConfig) else opt.damping
+    return {
+        "status": "done",
+        "label": config.label,
+        "lr": opt.lr,
+        "damping": damping,
+        "seed": config.seed,
+        "final": last,
+    }
