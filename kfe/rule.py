@@ -169,9 +169,16 @@ class Rule(Generic[ConfigT]):
         return state
 
     def diagonal(self, state: Any, ctx: RuleContext) -> Tensor | None:
-        """The curvature diagonal in the KFE this rule divides by, if it has one.
+        """The rule's curvature diagonal in KFE coordinates, shape ``(d_out, d_in+1)``, or
+        ``None`` (the default) for a rule without one (``sgd``, ``signsgd``).
 
-        Used by the inspection API to form the dense approximate Fisher block.
+        ``Lambda`` such that the rule's implied Fisher block is
+        ``(U_B (x) U_A) diag(vec Lambda) (U_B (x) U_A)^T`` (row-major ``vec``): EKFAC's
+        ``E_i[(U_B^T G_i U_A)^2]``, K-FAC's ``b a^T``, a second-moment EMA for
+        RMSProp/Adam. Optional; read (never written) by the inspection API
+        (:func:`kfe.inspect_layer`) and the curvature diagnostics (:mod:`kfe.diagnostics`),
+        which compare it with the exact Fisher block. Document its scale: a moment of
+        the *minibatch-mean* gradient is about ``1/n`` times the per-example Fisher one.
         """
         return None
 

@@ -69,7 +69,12 @@ class Adam(Rule[AdamConfig]):
         return m / denom / bias1, AdamState(step, m, v)
 
     def diagonal(self, state: Any, ctx: RuleContext) -> Tensor | None:
-        return state.exp_avg_sq
+        """The bias-corrected second moment ``v / (1 - beta2^t)``, the one Adam divides by
+        (under a square root). Scale: an EMA of the squared projected *minibatch-mean*
+        gradient, about ``1/n`` of the per-example Fisher diagonal (see ``rmsprop``)."""
+        if state.step == 0:
+            return state.exp_avg_sq
+        return state.exp_avg_sq / (1 - self.config.beta2**state.step)
 
 
 @hookimpl

@@ -67,6 +67,7 @@ class EKFAC(Rule[EKFACConfig]):
         return EKFACState(None)
 
     def diagonal(self, state: Any, ctx: RuleContext) -> Tensor | None:
+        """``Lambda`` (per-example Fisher scale), or the stand-in ``b a^T`` after a reset."""
         if state.scale is None and ctx.eigenvalues is not None:
             return ctx.eigenvalue_product()
         return state.scale

@@ -89,6 +89,11 @@ class KFAC(Rule[KFACConfig]):
             state = self.on_refresh(state, ctx)
         return chain(state.inv_B, grad, state.inv_A), state
 
+    def diagonal(self, state: Any, ctx: RuleContext) -> Tensor | None:
+        """``b a^T``: the factor eigenvalues of the last refresh (stale until the next),
+        on the per-example Fisher scale. Without damping in either mode."""
+        return ctx.eigenvalue_product() if ctx.eigenvalues is not None else None
+
 
 @hookimpl
 def kfe_rules() -> Sequence[type[Rule[Any]]]:

@@ -56,7 +56,15 @@ class RMSProp(Rule[RMSPropConfig]):
         return grad / scale.add_(cfg.eps), RMSPropState(v)
 
     def diagonal(self, state: Any, ctx: RuleContext) -> Tensor | None:
-        return state.square_avg.pow(2 * self.config.exponent)
+        """``v``, the EMA of ``M~^2`` (for any ``exponent``: with ``p = 1`` the rule divides
+        by ``v``, with ``p = 1/2`` by ``sqrt(v)``, the square root of this curvature).
+
+        Scale: ``M~`` is the projected *minibatch-mean* gradient, so
+        ``E[M~^2] = Lambda / n + (E M~)^2`` for batch size ``n`` and EKFAC's per-example
+        ``Lambda``: about ``1/n`` of the Fisher diagonal (no bias correction: ``v``
+        starts at zero).
+        """
+        return state.square_avg
 
 
 @hookimpl

@@ -199,3 +199,34 @@ def test_rules_and_schema_list_the_registered_plugins(tmp_path: Path) -> None:
     schema = json.loads(kfe("schema", cwd=tmp_path).stdout)
     assert "optimizer" in schema["properties"] and "model" in schema["properties"]
     assert "ekfac" in json.dumps(schema)
+
+
+def test_profile_and_train_profile_write_a_trace_and_phase_table(tmp_path: Path) -> None:
+    config = write(tmp_path / "tiny.yaml", {**TINY, "epochs": 1})
+    every = ["--set", "optimizer.basis_every=1", "--set", "optimizer.lambda_every=1"]
+    done = kfe("profile", config, "--out", tmp_path / "prof", *every, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    for phase in ("kfe/factors", "kfe/eigh", "kfe/lambda", "kfe/project", "kfe/rule"):
+        assert phase in done.stdout
+    assert list((tmp_path / "prof").glob("*.pt.trace.json*"))
+    assert json.loads((tmp_path / "prof" / "phases.json").read_text())
+
+    train = kfe("train", config, "--out", tmp_path / "run", "--profile", cwd=tmp_path)
+    assert train.returncode == 0, train.stderr
+    assert list((tmp_path / "run" / "profile").glob("*.pt.trace.json*"))
+    assert [r["step"] for r in rows(tmp_path / "run")] == [0, 4]  # profiled steps not counted
+
+
+def test_diagnose_writes_curves_and_refuses_unknown_layers(tmp_path: Path) -> None:
+    config = write(tmp_path / "tiny.yaml", {**TINY, "epochs": 1})
+    out = tmp_path / "diag"
+    done = kfe("diagnose", config, "--layer", "net.1", "--every", "2", "--out", out, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    samples = [json.loads(line) for line in (out / "curvature.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [0, 2]
+    assert {"kfac", "ekfac"} <= set(samples[0]["errors"])
+    assert (out / "curvature.png").read_bytes().startswith(PNG_SIGNATURE)
+
+    bad = kfe("diagnose", config, "--layer", "fc9", "--out", out, cwd=tmp_path)
+    assert bad.returncode == 2 and "fc9" in bad.stderr and "net.1" in bad.stderr
+    assert "Traceback" not in bad.stderr
