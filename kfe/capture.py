@@ -101,19 +101,21 @@ class CurvatureCapture:
                 store.inputs.append(block.adapter.inputs(module, args[0].detach()))
                 store.grads.append(None)
                 if self.fisher == "empirical":
-                    output.register_hook(lambda g: self._store_grad(block, slot, g))
+                    # bound to this store: a gradient arriving after ``clear()`` (zero_grad
+                    # between forward and backward) lands in the discarded store
+                    output.register_hook(lambda g: self._store_grad(block, store, slot, g))
                 else:
                     store.outputs.append(output)
 
         return hook
 
-    def _store_grad(self, block: LayerBlock, slot: int, grad: Tensor) -> None:
+    def _store_grad(self, block: LayerBlock, store: Captured, slot: int, grad: Tensor) -> None:
         with record_function("kfe/capture"):
             assert block.adapter is not None and block.module is not None
             g = block.adapter.output_grads(block.module, grad.detach())
             if self.batch_averaged:
                 g = g * g.shape[0]
-            self.captured[block].grads[slot] = g
+            store.grads[slot] = g
 
     def sample_fisher(
         self, output: Tensor, kind: LossKind, generator: torch.Generator | None = None
@@ -138,7 +140,8 @@ class CurvatureCapture:
         for b in blocks:
             for slot, out in enumerate(self.captured[b].outputs):
                 g = next(it)
-                self._store_grad(b, slot, torch.zeros_like(out) if g is None else g)
+                grad = torch.zeros_like(out) if g is None else g
+                self._store_grad(b, self.captured[b], slot, grad)
             self.captured[b].outputs.clear()
 
     def pop(self, block: LayerBlock) -> list[tuple[Tensor, Tensor]]:

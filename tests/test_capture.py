@@ -108,3 +108,19 @@ def test_empirical_fisher_needs_no_extra_call(registry) -> None:
     for b in opt.blocks:
         layer = inspect_layer(opt, b.name)
         assert layer.A is not None and layer.B is not None and layer.B.abs().sum() > 0
+
+
+def test_zero_grad_between_forward_and_backward_drops_that_capture() -> None:
+    """A user who zeroes gradients after the forward loses that step's capture, not the run."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+    opt = KFEOptimizer(model, rule="ekfac", factor_every=1, basis_every=1, lambda_every=1)
+    x = torch.randn(8, 4)
+    out = model(x)
+    opt.zero_grad()
+    out.square().mean().backward()
+    opt.step()  # no capture this step: factors stay unset, parameters still move
+    assert "factor_A" not in opt.state[model[0].weight]
+    opt.zero_grad()
+    model(x).square().mean().backward()
+    opt.step()
+    assert "factor_A" in opt.state[model[0].weight]
