@@ -17,7 +17,15 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, create_model, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    create_model,
+    model_validator,
+)
 
 from kfe.registry import Registry, default_registry
 from kfe.rule import RuleConfig, Statistic
@@ -68,6 +76,15 @@ class KFEConfigBase(BaseModel):
     """Dtype of the first ``eigh`` try (default: the factor's); float64 is the retry."""
     lambda_chunk_mb: PositiveInt = 64
     """Memory cap (MiB) on per-example projected gradients with several positions."""
+    distributed_eigh: Literal["owner", "all"] = "owner"
+    """Under ``torch.distributed`` with several ranks: ``owner``: each Kronecker factor is
+    eigendecomposed by one rank (a greedy balance of the ``d^3`` costs) and broadcast;
+    ``all``: every rank decomposes every factor (no broadcast, no split of the cost)."""
+    comm_timeout_s: PositiveFloat | None = None
+    """Seconds within which each of the optimizer's collectives must complete, else the
+    step raises ``kfe.distributed.CollectiveError`` naming it (a rank died or hung). The
+    optimizer then uses a process group of its own with this timeout; ``None``: the
+    default group's (``init_process_group(timeout=...)``). Must exceed a refresh's time."""
 
     @model_validator(mode="before")
     @classmethod

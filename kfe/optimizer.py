@@ -1,21 +1,27 @@
 """``KFEOptimizer``: a ``torch.optim.Optimizer`` that applies a diagonal rule in the KFE.
 
-The step is one fixed pipeline for every tracked layer (no branch on the rule):
+The step is one fixed pipeline for every tracked layer (no branch on the rule), run in
+phases across blocks so that each statistic needs one collective under
+``torch.distributed`` (:mod:`kfe.distributed`):
 
 1. read the gradient as ``G`` of shape ``(d_out, d_in+1)`` (bias column last);
-   with ``weight_decay_style="l2"`` add ``wd * W``;
-2. every ``factor_every`` steps, fold this step's captured ``x``, ``g`` into the EMA
-   factors ``A``, ``B``;
-3. every ``basis_every`` steps, eigendecompose them (:func:`kfe.eigh.robust_eigh`) and
-   apply the rule's basis-change policy to its state;
+2. every ``factor_every`` steps, every block's batch factors ``A_batch``, ``B_batch``
+   from this step's captured ``x``, ``g``; [one all-reduce: their mean over ranks];
+   then each folds into its EMA factors ``A``, ``B``;
+3. every ``basis_every`` steps, eigendecompose every factor (:func:`kfe.eigh.robust_eigh`),
+   [each on its owner rank only, then one broadcast per owner]; then apply the rule's
+   basis-change policy to its state;
 4. every ``lambda_every`` steps (and at each refresh), compute the statistics the rule
-   declared (``E_i[(U_B^T G_i U_A)^2]``);
-5. ``D = U_B rule(U_B^T G U_A) U_A^T`` (or the rule's parameter-space shortcut);
+   declared (``E_i[(U_B^T G_i U_A)^2]``) in the new basis; [one all-reduce];
+5. per block, with ``weight_decay_style="l2"`` add ``wd * W`` to ``G``, then
+   ``D = U_B rule(U_B^T G U_A) U_A^T`` (or the rule's parameter-space shortcut);
 6. momentum on ``D`` and decoupled weight decay, as ``torch.optim.SGD`` / ``AdamW`` do;
    ``W <- W - lr * D``.
 
-Parameters no adapter covers go through the same steps 1, 5, 6 with the fallback rule
-in parameter space (the identity basis).
+The bracketed collectives run only under ``torch.distributed`` with more than one rank;
+blocks never interact, so the phase order computes exactly what a block-by-block loop
+would. Parameters no adapter covers go through steps 1, 5, 6 with the fallback rule in
+parameter space (the identity basis).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from itertools import chain
 from typing import Any, cast
 
@@ -31,10 +38,11 @@ from torch import Tensor, nn
 from torch.autograd.profiler import record_function
 
 from kfe import state_keys as K
-from kfe.basis import Eigenbasis
+from kfe.basis import Eigenbasis, _match
 from kfe.block import LayerBlock
 from kfe.capture import CurvatureCapture, LossKind
 from kfe.config import KFEConfigBase, config_model
+from kfe.distributed import Communicator, Solved, assign_owners, world
 from kfe.eigh import power_qr, robust_eigh
 from kfe.registry import Registry, default_registry
 from kfe.rule import BasisPolicy, Rule, RuleContext, Statistic
@@ -73,6 +81,43 @@ def _all_finite(tensors: list[Tensor]) -> bool:
     sums, the cheapest reduction (a finite tensor whose sum overflows counts as not)."""
     sums = [t.sum() if t.element_size() >= 4 else t.sum(dtype=torch.float32) for t in tensors]
     return bool(torch.stack([s.double() for s in sums]).sum().isfinite())
+
+
+_FACTOR = {"A": K.FACTOR_A, "B": K.FACTOR_B}
+
+
+def _factor_sides(block: LayerBlock) -> tuple[int, int]:
+    """``(d_A, d_B)``: the sides of a block's two factors, from its matrix shape."""
+    with torch.no_grad():
+        d_out, d_in = block.matrix(*(p.detach() for p in block.params)).shape
+    return d_in, d_out
+
+
+def _as_tuple(value: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    return (value,) if isinstance(value, Tensor) else value
+
+
+@dataclass(eq=False)
+class _Job:
+    """One block's work in the current step, carried from phase to phase."""
+
+    block: LayerBlock
+    group: dict[str, Any]
+    st: dict[str, Any]
+    grad: Tensor
+    """The gradient as ``(d_out, d_in[+1])`` (no L2 term: the factors never see it)."""
+    pairs: list[tuple[Tensor, Tensor]]
+    """This step's captured ``(x, g)``, ``x`` augmented and padded."""
+    basis: Eigenbasis
+    """The basis before this step's refresh."""
+    refreshed: Eigenbasis | None = None
+    """The new basis, if this step refreshed it."""
+    squares: Tensor | None = None
+    """A fresh ``E_i[(U_B^T G_i U_A)^2]`` (averaged over ranks), if this step made one."""
+
+    @property
+    def current(self) -> Eigenbasis:
+        return self.basis if self.refreshed is None else self.refreshed
 
 
 class KFEOptimizer(torch.optim.Optimizer):
@@ -165,6 +210,17 @@ class KFEOptimizer(torch.optim.Optimizer):
         self._warned: set[str] = set()
         self._padded: dict[LayerBlock, Eigenbasis] = {}
         """Zero-padded copies of each block's basis for fast matmuls; rebuilt at refresh."""
+        self._factor_sides = [_factor_sides(b) for b in self.blocks]
+        """``(d_A, d_B)`` of each block: the sides of its two Kronecker factors."""
+        self._block_index = {b: i for i, b in enumerate(self.blocks)}
+        self._owner_plan: tuple[int, list[int]] | None = None
+        self._comm: Communicator | None = None
+        if world()[1] > 1:  # every rank builds the optimizer: a safe place for new_group
+            self._comm = Communicator.resolve(self.config.comm_timeout_s)
+        self.decompositions = 0
+        """Factor eigendecompositions (one ``eigh`` or ``power_qr`` each) run by this rank."""
+        self.decomposition_cost = 0
+        """Their summed cost ``sum d^3`` (``d``: the side of each factor)."""
         self._arm_capture()
 
     # -- cadence ------------------------------------------------------------------
@@ -193,6 +249,40 @@ class KFEOptimizer(torch.optim.Optimizer):
         """Number of completed (not skipped) optimizer steps."""
         return self._step
 
+    # -- distribution -------------------------------------------------------------
+
+    @property
+    def communicator(self) -> Communicator:
+        """The collectives in use, with their counts and times (inactive in one process).
+
+        Resolved when the optimizer is built under an initialised process group, else at
+        the first :meth:`step`.
+        """
+        return self._comm if self._comm is not None else Communicator()
+
+    @property
+    def eigh_owners(self) -> dict[tuple[str, str], int]:
+        """The rank that decomposes each factor, keyed ``(block name, "A" | "B")``.
+
+        A greedy balance of the ``d^3`` costs over the current world size
+        (:func:`kfe.distributed.assign_owners`), the same on every rank; used with
+        ``distributed_eigh="owner"`` (``"all"``: every rank decomposes every factor).
+        """
+        size = self._comm.world_size if self._comm is not None else world()[1]
+        owners = self._owners(size)
+        return {
+            (b.name, side): owners[2 * i + j]
+            for i, b in enumerate(self.blocks)
+            for j, side in enumerate("AB")
+        }
+
+    def _owners(self, world_size: int) -> list[int]:
+        """Owner rank of factor ``2 i`` (block ``i``'s ``A``) and ``2 i + 1`` (its ``B``)."""
+        if self._owner_plan is None or self._owner_plan[0] != world_size:
+            costs = [d**3 for sides in self._factor_sides for d in sides]
+            self._owner_plan = (world_size, assign_owners(costs, world_size))
+        return self._owner_plan[1]
+
     def sample_fisher(
         self, output: Tensor, kind: LossKind, generator: torch.Generator | None = None
     ) -> None:
@@ -218,7 +308,11 @@ class KFEOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One optimisation step; ``closure`` re-evaluates the model and returns the loss."""
+        """One optimisation step; ``closure`` re-evaluates the model and returns the loss.
+
+        Under DDP the gradients are already averaged, so every rank takes the same
+        decision on a non-finite gradient (skip the step, touch nothing).
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -228,15 +322,21 @@ class KFEOptimizer(torch.optim.Optimizer):
             self._warn_once("step", "non-finite gradient: step skipped, parameters unchanged")
             self.capture.clear()
             return loss
-        for group in self.param_groups:
-            for p in group["params"]:
-                block = self._block_of_weight.get(p)
-                if block is not None:
-                    if any(q.grad is not None for q in block.params):
-                        self._block_step(block, group)
-                elif p.grad is not None and p not in self._bias_params:
-                    with record_function("kfe/fallback"):
-                        self._fallback_step(p, group)
+        if self._comm is None:
+            self._comm = Communicator.resolve(self.config.comm_timeout_s)
+        cfg = self.config
+        jobs, fallbacks = self._start_jobs()
+        if self._due(cfg.factor_every):
+            self._factor_phase(jobs)
+        if self._due(cfg.basis_every):
+            self._refresh_phase(jobs)
+        if self._wants_squares:
+            self._lambda_phase(jobs)
+        for job in jobs:
+            self._block_update(job)
+        for p, group in fallbacks:
+            with record_function("kfe/fallback"):
+                self._fallback_step(p, group)
         self.capture.clear()
         self._step += 1
         self._arm_capture()
@@ -291,8 +391,21 @@ class KFEOptimizer(torch.optim.Optimizer):
             self._warned.add(key)
             warnings.warn(message, RuntimeWarning, stacklevel=3)
 
-    def _block_step(self, block: LayerBlock, group: dict[str, Any]) -> None:
-        cfg = self.config
+    def _start_jobs(self) -> tuple[list[_Job], list[tuple[Tensor, dict[str, Any]]]]:
+        """Blocks with a gradient (in parameter order) and the fallback parameters."""
+        jobs, fallbacks = [], []
+        for group in self.param_groups:
+            for p in group["params"]:
+                block = self._block_of_weight.get(p)
+                if block is not None:
+                    if any(q.grad is not None for q in block.params):
+                        jobs.append(self._start(block, group))
+                elif p.grad is not None and p not in self._bias_params:
+                    fallbacks.append((p, group))
+        return jobs, fallbacks
+
+    def _start(self, block: LayerBlock, group: dict[str, Any]) -> _Job:
+        """The block's gradient matrix and captures (its state created on first use)."""
         st = self.state[block.weight]
         grad = block.matrix(
             *(torch.zeros_like(p) if p.grad is None else p.grad for p in block.params)
@@ -303,76 +416,36 @@ class KFEOptimizer(torch.optim.Optimizer):
             st[K.RULE] = self.rule.state_to_dict(self.rule.init(grad))
             st[K.EIGH_FAILURES] = 0
             st[K.REFRESHES] = 0
-
         pairs = []
         if block.tracked:
             pairs = [(block.augment(x), g) for x, g in self.capture.pop(block)]
-        if self._due(cfg.factor_every):
-            with record_function("kfe/factors"):
-                self._update_factors(block, st, grad, pairs)
-        if group["weight_decay"] and cfg.weight_decay_style == "l2":
-            grad = grad.add(block.matrix(*block.params), alpha=group["weight_decay"])
-        basis = Eigenbasis(**st[K.BASIS])
-        rule_state = self.rule.state_from_dict(st[K.RULE])
-        previous, refreshed = basis, None
-        if self._due(cfg.basis_every) and K.FACTOR_A in st:
-            with record_function("kfe/eigh"):
-                refreshed = self._refresh(block, st, previous)
-        if refreshed is not None:
-            basis = refreshed
-            self._padded.pop(block, None)
-        # before its first successful refresh (always, for the identity source) a block's
-        # basis is the identity: rotations are skipped, not multiplied out
-        fast = None
-        if st[K.REFRESHES]:
-            fast = self._padded.get(block)
-            if fast is None:
-                fast = self._padded[block] = basis.padded()
+        return _Job(block, group, st, grad, pairs, Eigenbasis(**st[K.BASIS]))
 
-        squares = None
-        if self._wants_squares and pairs and (self._due(cfg.lambda_every) or refreshed):
-            with record_function("kfe/lambda"):
-                squares = squared_projections(
-                    pairs,
-                    fast.U_B if fast else None,
-                    fast.U_A if fast else None,
-                    d_in=grad.shape[1],
-                    chunk_bytes=cfg.lambda_chunk_mb * 2**20,
-                )
-            if not torch.isfinite(squares).all():
-                self._warn_once(
-                    f"lambda:{block.name}",
-                    f"layer {block.name!r}: non-finite per-example statistics skipped",
-                )
-                squares = None
-        ctx = self._context(group, basis, squares)
-        if refreshed is not None:
-            rule_state = self._change_basis(rule_state, previous, refreshed, grad, ctx)
-        with record_function("kfe/rule"):
-            shortcut = self.rule.precondition(grad, rule_state, ctx)
-        if shortcut is not None:
-            direction, rule_state = shortcut
-        else:
-            with record_function("kfe/project"):
-                projected = fast.project(grad) if fast else grad
-            with record_function("kfe/rule"):
-                projected, rule_state = self.rule.update(projected, rule_state, ctx)
-            with record_function("kfe/unproject"):
-                direction = fast.unproject(projected) if fast else projected
-        st[K.RULE] = self.rule.state_to_dict(rule_state)
-        self._apply(st, group, direction, block.params, block.split)
+    # phase 2: factors
 
-    def _update_factors(
-        self,
-        block: LayerBlock,
-        st: dict[str, Any],
-        grad: Tensor,
-        pairs: list[tuple[Tensor, Tensor]],
-    ) -> None:
-        found = self.source.batch_factors(grad, pairs)
-        if found is None:
-            return
-        A, B = found
+    def _factor_phase(self, jobs: list[_Job]) -> None:
+        """Batch factors of every block, averaged over ranks if they come from local
+        data (captures; Shampoo's come from the already averaged gradient), then the EMAs.
+        """
+        with record_function("kfe/factors"):
+            found = [self.source.batch_factors(job.grad, job.pairs) for job in jobs]
+        comm = self.communicator
+        if comm.active and self.source.needs_capture:
+            found = self._average(
+                jobs,
+                found,
+                lambda g: [(g.shape[1], g.shape[1]), (g.shape[0], g.shape[0])],
+                "factor statistics",
+            )
+        with record_function("kfe/factors"):
+            for job, factors in zip(jobs, found, strict=True):
+                if factors is not None:
+                    self._fold_factors(job.block, job.st, factors[0], factors[1])
+
+    def _fold_factors(self, block: LayerBlock, st: dict[str, Any], A: Tensor, B: Tensor) -> None:
+        """``A <- lerp(A, A_batch, 1 - factor_decay)`` (a copy the first time), same for B;
+        non-finite batch factors are skipped (checked after the reduction: every rank
+        decides alike)."""
         # Gram matrices: |A_jk| <= sqrt(A_jj A_kk), so finite diagonals mean finite factors
         if not bool(torch.cat([A.diagonal(), B.diagonal()]).isfinite().all()):
             self._warn_once(
@@ -387,23 +460,103 @@ class KFEOptimizer(torch.optim.Optimizer):
             st[K.FACTOR_A].lerp_(A, weight)
             st[K.FACTOR_B].lerp_(B, weight)
 
-    def _refresh(
-        self, block: LayerBlock, st: dict[str, Any], previous: Eigenbasis
-    ) -> Eigenbasis | None:
-        """Eigendecompose both factors; ``None`` (and the old basis kept) on failure.
+    def _average(
+        self,
+        jobs: list[_Job],
+        local: list[Any],
+        shapes: Callable[[Tensor], list[tuple[int, ...]]],
+        what: str,
+    ) -> list[Any]:
+        """Mean over ranks of one statistic of every job, in one bucketed all-reduce.
+
+        ``local[k]`` is a tensor or tuple of tensors with the shapes ``shapes(grad)``,
+        or ``None`` where this rank has none (zeros are sent, and the mean is over the
+        ranks that had it). The buffer is in the gradient's dtype; results come back in
+        the local statistic's dtype.
+        """
+        entries = []
+        for job, value in zip(jobs, local, strict=True):
+            if value is None:
+                tensors = [job.grad.new_zeros(shape) for shape in shapes(job.grad)]
+            else:
+                tensors = [t.to(job.grad.dtype) for t in _as_tuple(value)]
+            entries.append((tensors, value is not None))
+        averaged = self.communicator.average(entries, what=what, step=self._step)
+        out: list[Any] = []
+        for value, mean in zip(local, averaged, strict=True):
+            if mean is None:
+                out.append(None)
+                continue
+            if value is not None:
+                mean = [m.to(t.dtype) for m, t in zip(mean, _as_tuple(value), strict=True)]
+            out.append(mean[0] if isinstance(value, Tensor) or len(mean) == 1 else tuple(mean))
+        return out
+
+    # phase 3: refresh
+
+    def _refresh_phase(self, jobs: list[_Job]) -> None:
+        """Eigendecompose both factors of every block that has them, then adopt the new
+        bases (or keep the old one of a block where either failed).
+
+        Under ``torch.distributed`` with ``distributed_eigh="owner"``, each factor is
+        solved on its owner rank and the outcome (success, eigenvalues, aligned
+        eigenvectors) broadcast, so every rank adopts bitwise the same bases and counts.
+        """
+        due = [job for job in jobs if K.FACTOR_A in job.st]
+        if not due:
+            return
+        tasks = [(job, side) for job in due for side in ("B", "A")]
+        comm = self.communicator
+        if comm.active and self.config.distributed_eigh == "owner":
+            owners = self._owners(comm.world_size)
+            factors = [job.st[_FACTOR[side]] for job, side in tasks]
+
+            def solve(k: int) -> Solved:
+                with record_function("kfe/eigh"):
+                    return self._solve(*tasks[k])
+
+            solved = comm.broadcast_from_owners(
+                [f.shape[0] for f in factors],
+                factors,
+                [owners[2 * self._block_index[job.block] + (side == "B")] for job, side in tasks],
+                solve,
+                what="eigenbases",
+                step=self._step,
+            )
+        else:
+            with record_function("kfe/eigh"):
+                solved = [self._solve(job, side) for job, side in tasks]
+        with record_function("kfe/eigh"):
+            for i, job in enumerate(due):
+                job.refreshed = self._adopt(job, solved[2 * i], solved[2 * i + 1])
+
+    def _solve(self, job: _Job, side: str) -> Solved:
+        """``(values, vectors)`` of one factor (``"A"`` or ``"B"``), or ``None`` on failure.
 
         Unless the rule resets its state, the new eigenvectors are reordered to follow
-        the old ones they overlap most (:meth:`Eigenbasis.aligned_to`), so state indexed
-        by eigenvector stays with its eigenvector when ``eigh`` re-sorts.
+        the old ones they overlap most (as :meth:`Eigenbasis.aligned_to`), so state
+        indexed by eigenvector stays with its eigenvector when ``eigh`` re-sorts.
+        ``power_qr`` keeps the old order by itself.
         """
-        warm = self.config.eigensolver == "power_qr" and st[K.REFRESHES] > 0
+        factor = job.st[_FACTOR[side]]
+        old = job.basis.U_B if side == "B" else job.basis.U_A
+        warm = self.config.eigensolver == "power_qr" and job.st[K.REFRESHES] > 0
         if warm:
-            found_b = power_qr(st[K.FACTOR_B], previous.U_B)
-            found_a = power_qr(st[K.FACTOR_A], previous.U_A)
+            found = power_qr(factor, old)
         else:
             dtype = getattr(torch, self.config.eigh_dtype) if self.config.eigh_dtype else None
-            found_b = robust_eigh(st[K.FACTOR_B], dtype)
-            found_a = robust_eigh(st[K.FACTOR_A], dtype)
+            found = robust_eigh(factor, dtype)
+        self.decompositions += 1
+        self.decomposition_cost += factor.shape[0] ** 3
+        if found is None or warm or self.rule.policy is BasisPolicy.RESET:
+            return found
+        values, vectors = found
+        perm = _match(old, vectors)
+        return values[perm], vectors[:, perm]
+
+    def _adopt(self, job: _Job, found_b: Solved, found_a: Solved) -> Eigenbasis | None:
+        """Store the new basis; ``None`` (and the old basis kept, counted) on failure."""
+        st, block = job.st, job.block
         if found_a is None or found_b is None:
             st[K.EIGH_FAILURES] += 1
             self._warn_once(
@@ -413,11 +566,87 @@ class KFEOptimizer(torch.optim.Optimizer):
             return None
         (b, U_B), (a, U_A) = found_b, found_a
         new = Eigenbasis(U_B=U_B, b=b, U_A=U_A, a=a)
-        if not warm and self.rule.policy is not BasisPolicy.RESET:
-            new = new.aligned_to(previous)
         st[K.BASIS] = dict(new._asdict())
         st[K.REFRESHES] += 1
+        self._padded.pop(block, None)
         return new
+
+    def _fast(self, job: _Job) -> Eigenbasis | None:
+        """The zero-padded current basis, or ``None`` before the block's first successful
+        refresh (always, for the identity source): rotations are then skipped."""
+        if not job.st[K.REFRESHES]:
+            return None
+        fast = self._padded.get(job.block)
+        if fast is None:
+            fast = self._padded[job.block] = job.current.padded()
+        return fast
+
+    # phase 4: per-example statistics
+
+    def _lambda_phase(self, jobs: list[_Job]) -> None:
+        """The rule's squared projections, in the new basis, where due: every
+        ``lambda_every`` steps and at each refresh (averaged over ranks; non-finite ones
+        are dropped after the reduction, so every rank decides alike)."""
+        due = [
+            job
+            for job in jobs
+            if job.block.tracked
+            and (self._due(self.config.lambda_every) or job.refreshed is not None)
+        ]
+        if not due:
+            return
+        found: list[Tensor | None] = []
+        for job in due:
+            fast = self._fast(job)
+            squares = None
+            if job.pairs:
+                with record_function("kfe/lambda"):
+                    squares = squared_projections(
+                        job.pairs,
+                        fast.U_B if fast else None,
+                        fast.U_A if fast else None,
+                        d_in=job.grad.shape[1],
+                        chunk_bytes=self.config.lambda_chunk_mb * 2**20,
+                    )
+            found.append(squares)
+        if self.communicator.active:
+            found = self._average(due, found, lambda g: [tuple(g.shape)], "squared projections")
+        for job, squares in zip(due, found, strict=True):
+            if squares is not None and not torch.isfinite(squares).all():
+                self._warn_once(
+                    f"lambda:{job.block.name}",
+                    f"layer {job.block.name!r}: non-finite per-example statistics skipped",
+                )
+                squares = None
+            job.squares = squares
+
+    # phase 5, 6: rule and update
+
+    def _block_update(self, job: _Job) -> None:
+        """Project, apply the rule (after its basis-change policy at a refresh), project
+        back, then momentum, weight decay and the parameter update."""
+        cfg, st, group, block = self.config, job.st, job.group, job.block
+        grad = job.grad
+        if group["weight_decay"] and cfg.weight_decay_style == "l2":
+            grad = grad.add(block.matrix(*block.params), alpha=group["weight_decay"])
+        fast = self._fast(job)
+        rule_state = self.rule.state_from_dict(st[K.RULE])
+        ctx = self._context(group, job.current, job.squares)
+        if job.refreshed is not None:
+            rule_state = self._change_basis(rule_state, job.basis, job.refreshed, grad, ctx)
+        with record_function("kfe/rule"):
+            shortcut = self.rule.precondition(grad, rule_state, ctx)
+        if shortcut is not None:
+            direction, rule_state = shortcut
+        else:
+            with record_function("kfe/project"):
+                projected = fast.project(grad) if fast else grad
+            with record_function("kfe/rule"):
+                projected, rule_state = self.rule.update(projected, rule_state, ctx)
+            with record_function("kfe/unproject"):
+                direction = fast.unproject(projected) if fast else projected
+        st[K.RULE] = self.rule.state_to_dict(rule_state)
+        self._apply(st, group, direction, block.params, block.split)
 
     def _change_basis(
         self, rule_state: Any, old: Eigenbasis, new: Eigenbasis, like: Tensor, ctx: RuleContext
