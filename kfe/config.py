@@ -76,6 +76,10 @@ class KFEConfigBase(BaseModel):
     """Dtype of the first ``eigh`` try (default: the factor's); float64 is the retry."""
     lambda_chunk_mb: PositiveInt = 64
     """Memory cap (MiB) on per-example projected gradients with several positions."""
+    kl_clip: PositiveFloat | None = None
+    """K-FAC's KL clipping (Ba et al., 2017; KAISA): scale all directions by
+    ``min(1, sqrt(kl_clip / sum_p lr^2 <D_p, grad_p>))``, a trust region that lets small
+    damping be used without blow-ups. ``None``: off."""
     distributed_eigh: Literal["owner", "all"] = "owner"
     """Under ``torch.distributed`` with several ranks: ``owner``: each Kronecker factor is
     eigendecomposed by one rank (a greedy balance of the ``d^3`` costs) and broadcast;

@@ -31,7 +31,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from itertools import chain
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -95,6 +95,17 @@ def _factor_sides(block: LayerBlock) -> tuple[int, int]:
 
 def _as_tuple(value: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     return (value,) if isinstance(value, Tensor) else value
+
+
+class _Update(NamedTuple):
+    """A direction ready for :meth:`KFEOptimizer._apply` (and the gradient it came from)."""
+
+    st: dict[str, Any]
+    group: Mapping[str, Any]
+    direction: Tensor
+    params: list[nn.Parameter] | list[Tensor]
+    split: Callable[[Tensor], list[Tensor]]
+    grad: Tensor
 
 
 @dataclass(eq=False)
@@ -237,7 +248,8 @@ class KFEOptimizer(torch.optim.Optimizer):
         squares = self._wants_squares and (
             self._due(cfg.lambda_every) or self._due(cfg.basis_every)
         )
-        self.capture.active = self._due(cfg.factor_every) or squares
+        factors = self.source.needs_capture and self._due(cfg.factor_every)
+        self.capture.active = factors or squares
 
     @property
     def wants_statistics(self) -> bool:
@@ -332,11 +344,14 @@ class KFEOptimizer(torch.optim.Optimizer):
             self._refresh_phase(jobs)
         if self._wants_squares:
             self._lambda_phase(jobs)
-        for job in jobs:
-            self._block_update(job)
+        updates = [self._block_update(job) for job in jobs]
         for p, group in fallbacks:
             with record_function("kfe/fallback"):
-                self._fallback_step(p, group)
+                updates.append(self._fallback_step(p, group))
+        if cfg.kl_clip is not None:
+            self._clip_kl(updates, cfg.kl_clip)
+        for update in updates:
+            self._apply(*update)
         self.capture.clear()
         self._step += 1
         self._arm_capture()
@@ -622,9 +637,9 @@ class KFEOptimizer(torch.optim.Optimizer):
 
     # phase 5, 6: rule and update
 
-    def _block_update(self, job: _Job) -> None:
+    def _block_update(self, job: _Job) -> _Update:
         """Project, apply the rule (after its basis-change policy at a refresh), project
-        back, then momentum, weight decay and the parameter update."""
+        back; returns what :meth:`_apply` needs (momentum, weight decay, the update)."""
         cfg, st, group, block = self.config, job.st, job.group, job.block
         grad = job.grad
         if group["weight_decay"] and cfg.weight_decay_style == "l2":
@@ -646,7 +661,7 @@ class KFEOptimizer(torch.optim.Optimizer):
             with record_function("kfe/unproject"):
                 direction = fast.unproject(projected) if fast else projected
         st[K.RULE] = self.rule.state_to_dict(rule_state)
-        self._apply(st, group, direction, block.params, block.split)
+        return _Update(st, group, direction, block.params, block.split, grad)
 
     def _change_basis(
         self, rule_state: Any, old: Eigenbasis, new: Eigenbasis, like: Tensor, ctx: RuleContext
@@ -666,7 +681,7 @@ class KFEOptimizer(torch.optim.Optimizer):
             )
         return self.rule.on_refresh(rule_state, ctx)
 
-    def _fallback_step(self, p: Tensor, group: dict[str, Any]) -> None:
+    def _fallback_step(self, p: Tensor, group: dict[str, Any]) -> _Update:
         st = self.state[p]
         grad = cast(Tensor, p.grad)
         if not st:
@@ -676,7 +691,28 @@ class KFEOptimizer(torch.optim.Optimizer):
         rule_state = self.fallback_rule.state_from_dict(st[K.RULE])
         direction, rule_state = self.fallback_rule.update(grad, rule_state, RuleContext(group))
         st[K.RULE] = self.fallback_rule.state_to_dict(rule_state)
-        self._apply(st, group, direction, [p], lambda d: [d])
+        return _Update(st, group, direction, [p], lambda d: [d], grad)
+
+    @staticmethod
+    def _clip_kl(updates: list[_Update], kl_clip: float) -> None:
+        """K-FAC's KL clipping (Ba et al., 2017): scale every direction by
+
+        .. math::
+
+            \\nu = \\min\\Big(1, \\sqrt{\\kappa \\big/ \\textstyle\\sum_p \\eta_p^2
+            \\langle D_p, \\nabla_p \\rangle}\\Big),
+
+        a trust region on the predicted change of the model's output distribution
+        (``D`` the rule's direction before momentum). One tensor, no host sync.
+        """
+        if not updates:
+            return
+        with record_function("kfe/rule"):
+            terms = [(u.direction * u.grad).sum() * u.group["lr"] ** 2 for u in updates]
+            total = torch.stack([t.to(updates[0].direction.device) for t in terms]).sum()
+            nu = (kl_clip / total.clamp(min=torch.finfo(total.dtype).tiny)).sqrt().clamp(max=1)
+            for i, u in enumerate(updates):
+                updates[i] = u._replace(direction=u.direction * nu.to(u.direction.dtype))
 
     def _apply(
         self,
@@ -685,6 +721,7 @@ class KFEOptimizer(torch.optim.Optimizer):
         direction: Tensor,
         params: list[nn.Parameter] | list[Tensor],
         split: Callable[[Tensor], list[Tensor]],
+        grad: Tensor | None = None,
     ) -> None:
         """Momentum and weight decay around the rule, then ``p -= lr * d``.
 
