@@ -56,7 +56,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import importlib.metadata
 import json
 import math
 import os
@@ -82,6 +81,9 @@ from kfe.experiment.config import (
 )
 from kfe.experiment.setup import Experiment, build_experiment, build_optimizer
 from kfe.experiment.train import batches, evaluate, train_step
+
+sys.path.insert(0, str(Path(__file__).parent))
+from step_time import load_soap
 
 OPTIMIZERS = ("sgd", "adam", "kfac", "ekfac-ema", "ekfac-batch", "soap")
 KFE_OPTIMIZERS = ("kfac", "ekfac-ema", "ekfac-batch")
@@ -239,18 +241,6 @@ def experiment_config(
             "tensorboard": False,
         }
     )
-
-
-def load_soap() -> tuple[Callable[..., torch.optim.Optimizer] | None, str]:
-    """pytorch-optimizer's ``SOAP`` and its version, or ``None`` and why not."""
-    try:
-        from pytorch_optimizer import SOAP  # optional benchmark dependency only
-    except ImportError as exc:
-        return None, f"not importable ({exc})"
-    try:
-        return SOAP, importlib.metadata.version("pytorch_optimizer")
-    except importlib.metadata.PackageNotFoundError:
-        return SOAP, "unknown"
 
 
 # -- experiments ---------------------------------------------------------------------

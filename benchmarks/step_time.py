@@ -97,20 +97,12 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 import kfe
 import kfe.testing
+from kfe.profiling import PHASES
 
 FULL_DIMS = (784, 1000, 500, 250, 30, 250, 500, 1000, 784)
 QUICK_DIMS = (64, 48, 32, 16, 4, 16, 32, 48, 64)
 CODE_WIDTH_INDEX = 4  # index in dims of the linear code layer (no activation after it)
-RANGES = (  # display order; other kfe/ ranges are listed after these
-    "kfe/capture",
-    "kfe/factors",
-    "kfe/eigh",
-    "kfe/lambda",
-    "kfe/project",
-    "kfe/rule",
-    "kfe/unproject",
-    "kfe/fallback",
-)
+RANGES = PHASES  # display order; other kfe/ ranges are listed after these
 REFERENCE = "adam"
 SOAP_NAME = "pto-soap"  # pytorch-optimizer's SOAP (grid suite, optional dependency)
 SOAP_KFE = "adam-shampoo"  # KFE's SOAP: rule adam on the shampoo basis
