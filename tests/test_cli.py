@@ -230,3 +230,16 @@ def test_diagnose_writes_curves_and_refuses_unknown_layers(tmp_path: Path) -> No
     bad = kfe("diagnose", config, "--layer", "fc9", "--out", out, cwd=tmp_path)
     assert bad.returncode == 2 and "fc9" in bad.stderr and "net.1" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_shipped_main_job_config_validates_and_expands() -> None:
+    from kfe.experiment.ablate import expand_grid
+    from kfe.experiment.config import read_mapping, validate_experiment
+
+    path = Path(__file__).parents[1] / "configs" / "mnist_autoencoder.yaml"
+    raw = read_mapping(path)
+    config = validate_experiment(raw)
+    assert config.ablate is not None and config.model_section.name == "autoencoder"
+    specs = expand_grid(raw, config.ablate)
+    assert {s.label for s in specs} == {"sgd", "adam", "kfac", "ekfac"}
+    assert len({s.run_id for s in specs}) == len(specs) == 8
