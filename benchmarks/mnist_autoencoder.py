@@ -61,7 +61,6 @@ import math
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -83,7 +82,7 @@ from kfe.experiment.setup import Experiment, build_experiment, build_optimizer
 from kfe.experiment.train import batches, evaluate, train_step
 
 sys.path.insert(0, str(Path(__file__).parent))
-from step_time import load_soap
+from step_time import cpu_busy, git_revision, load_soap
 
 OPTIMIZERS = ("sgd", "adam", "kfac", "ekfac-ema", "ekfac-batch", "soap")
 KFE_OPTIMIZERS = ("kfac", "ekfac-ema", "ekfac-batch")
@@ -756,49 +755,6 @@ def write_plots(
 
 
 # -- environment ---------------------------------------------------------------------
-
-
-def cpu_busy(interval: float = 0.5) -> float | None:
-    """CPUs' worth of time other processes used over ``interval`` s (``/proc/stat``)."""
-
-    def sample() -> tuple[int, int]:
-        with open("/proc/stat") as f:
-            values = [int(v) for v in f.readline().split()[1:]]
-        return sum(values[:8]), values[3] + (values[4] if len(values) > 4 else 0)
-
-    try:
-        total0, idle0 = sample()
-        time.sleep(interval)
-        total1, idle1 = sample()
-    except (OSError, ValueError, IndexError):
-        return None
-    if total1 <= total0:
-        return None
-    return (1 - (idle1 - idle0) / (total1 - total0)) * (os.cpu_count() or 1)
-
-
-def git_revision(path: Path) -> str:
-    """``<commit>[+dirty]`` of the checkout holding ``path``, or ``"unknown"``."""
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=path,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no", "."],
-            cwd=path,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout
-        return commit + ("+dirty" if dirty.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def environment(soap_version: str) -> dict[str, Any]:
