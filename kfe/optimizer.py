@@ -344,14 +344,19 @@ class KFEOptimizer(torch.optim.Optimizer):
             self._refresh_phase(jobs)
         if self._wants_squares:
             self._lambda_phase(jobs)
-        updates = [self._block_update(job) for job in jobs]
+        # without KL clipping each update is applied at once (no direction outlives its
+        # block); with it, every direction is needed first for the common factor
+        pending: list[_Update] = []
+        hold = pending.append if cfg.kl_clip is not None else (lambda u: self._apply(*u))
+        for job in jobs:
+            hold(self._block_update(job))
         for p, group in fallbacks:
             with record_function("kfe/fallback"):
-                updates.append(self._fallback_step(p, group))
+                hold(self._fallback_step(p, group))
         if cfg.kl_clip is not None:
-            self._clip_kl(updates, cfg.kl_clip)
-        for update in updates:
-            self._apply(*update)
+            self._clip_kl(pending, cfg.kl_clip)
+            for update in pending:
+                self._apply(*update)
         self.capture.clear()
         self._step += 1
         self._arm_capture()
