@@ -26,11 +26,11 @@ parameter space (the identity basis).
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from itertools import chain
 from typing import Any, NamedTuple, cast
 
 import torch
@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from torch.autograd.profiler import record_function
 
 from kfe import state_keys as K
-from kfe.basis import Eigenbasis, _match
+from kfe.basis import Eigenbasis, _match, chain
 from kfe.block import LayerBlock
 from kfe.capture import CurvatureCapture, LossKind
 from kfe.config import KFEConfigBase, config_model
@@ -76,11 +76,21 @@ def find_blocks(
     return blocks
 
 
+def _finite_each(tensors: Sequence[Tensor | None]) -> list[bool]:
+    """Per tensor, whether every entry is finite (``None`` counts as finite), with one
+    host sync: NaN and inf propagate through sums, the cheapest reduction (a finite
+    tensor whose sum overflows counts as not)."""
+    present = [t for t in tensors if t is not None]
+    if not present:
+        return [True] * len(tensors)
+    sums = [t.sum() if t.element_size() >= 4 else t.sum(dtype=torch.float32) for t in present]
+    flags = iter(torch.stack([s.double() for s in sums]).isfinite().tolist())
+    return [True if t is None else next(flags) for t in tensors]
+
+
 def _all_finite(tensors: list[Tensor]) -> bool:
-    """Whether every entry is finite, with one host sync: NaN and inf propagate through
-    sums, the cheapest reduction (a finite tensor whose sum overflows counts as not)."""
-    sums = [t.sum() if t.element_size() >= 4 else t.sum(dtype=torch.float32) for t in tensors]
-    return bool(torch.stack([s.double() for s in sums]).sum().isfinite())
+    """Whether every entry of every tensor is finite (one host sync)."""
+    return all(_finite_each(tensors))
 
 
 _FACTOR = {"A": K.FACTOR_A, "B": K.FACTOR_B}
@@ -123,6 +133,8 @@ class _Job:
     """The basis before this step's refresh."""
     refreshed: Eigenbasis | None = None
     """The new basis, if this step refreshed it."""
+    old_fast: Eigenbasis | None = None
+    """The zero-padded basis before the refresh, if it was cached (for rotations)."""
     squares: Tensor | None = None
     """A fresh ``E_i[(U_B^T G_i U_A)^2]`` (averaged over ranks), if this step made one."""
 
@@ -378,8 +390,8 @@ class KFEOptimizer(torch.optim.Optimizer):
             raise ValueError("loaded state dict does not match this optimizer's parameter groups")
         id_map = dict(
             zip(
-                chain.from_iterable(s["params"] for s in saved_groups),
-                chain.from_iterable(g["params"] for g in self.param_groups),
+                itertools.chain.from_iterable(s["params"] for s in saved_groups),
+                itertools.chain.from_iterable(g["params"] for g in self.param_groups),
                 strict=True,
             )
         )
@@ -588,7 +600,7 @@ class KFEOptimizer(torch.optim.Optimizer):
         new = Eigenbasis(U_B=U_B, b=b, U_A=U_A, a=a)
         st[K.BASIS] = dict(new._asdict())
         st[K.REFRESHES] += 1
-        self._padded.pop(block, None)
+        job.old_fast = self._padded.pop(block, None)
         return new
 
     def _fast(self, job: _Job) -> Eigenbasis | None:
@@ -631,8 +643,9 @@ class KFEOptimizer(torch.optim.Optimizer):
             found.append(squares)
         if self.communicator.active:
             found = self._average(due, found, lambda g: [tuple(g.shape)], "squared projections")
-        for job, squares in zip(due, found, strict=True):
-            if squares is not None and not torch.isfinite(squares).all():
+        finite = _finite_each(found)
+        for job, squares, ok in zip(due, found, finite, strict=True):
+            if squares is not None and not ok:
                 self._warn_once(
                     f"lambda:{job.block.name}",
                     f"layer {job.block.name!r}: non-finite per-example statistics skipped",
@@ -653,7 +666,7 @@ class KFEOptimizer(torch.optim.Optimizer):
         rule_state = self.rule.state_from_dict(st[K.RULE])
         ctx = self._context(group, job.current, job.squares)
         if job.refreshed is not None:
-            rule_state = self._change_basis(rule_state, job.basis, job.refreshed, grad, ctx)
+            rule_state = self._change_basis(rule_state, job, grad, ctx)
         with record_function("kfe/rule"):
             shortcut = self.rule.precondition(grad, rule_state, ctx)
         if shortcut is not None:
@@ -668,18 +681,21 @@ class KFEOptimizer(torch.optim.Optimizer):
         st[K.RULE] = self.rule.state_to_dict(rule_state)
         return _Update(st, group, direction, block.params, block.split, grad)
 
-    def _change_basis(
-        self, rule_state: Any, old: Eigenbasis, new: Eigenbasis, like: Tensor, ctx: RuleContext
-    ) -> Any:
-        """Apply the rule's basis-change policy, then its ``on_refresh`` hook."""
+    def _change_basis(self, rule_state: Any, job: _Job, like: Tensor, ctx: RuleContext) -> Any:
+        """Apply the rule's basis-change policy, then its ``on_refresh`` hook.
+
+        ``rotate`` maps each rotatable moment ``M`` to ``R_B^T M R_A`` with
+        ``R = U^T U'``, on the zero-padded bases (exact, see :func:`kfe.basis.chain`).
+        """
         policy = self.rule.policy.value
         if policy == "reset":
             rule_state = self.rule.reset(rule_state, like, ctx)
-        elif policy == "rotate":
-            R_B, R_A = old.rotation_to(new)
+        elif policy == "rotate" and self.rule.rotatable:
+            old = job.old_fast or job.basis.padded()
+            R_B, R_A = old.rotation_to(cast(Eigenbasis, self._fast(job)))
             rule_state = rule_state._replace(
                 **{
-                    f: R_B.mT @ getattr(rule_state, f) @ R_A
+                    f: chain(R_B.mT, getattr(rule_state, f), R_A)
                     for f in self.rule.rotatable
                     if getattr(rule_state, f) is not None
                 }

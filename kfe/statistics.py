@@ -73,16 +73,16 @@ def squared_projections(
     for the identity basis; ``x`` may carry zero padding columns after its first
     ``d_in``. The result has the unpadded shape ``(d_out, d_in)``.
     """
-    total: Tensor | None = None
-    n_examples = 0
+    scale = 1 / sum(x.shape[0] for x, _ in pairs)
     d_out = pairs[0][1].shape[-1]
+    total: Tensor | None = None
     for x, g in pairs:
         n, T = x.shape[0], x.shape[1]
         xp, gp = x, g  # (n, T, d_in), (n, T, d_out), padded if the basis is
         rotated = U_A is not None and U_B is not None
         if U_A is not None and U_B is not None:  # (spelt out for the type checker)
-            xp = F.pad(x, (0, U_A.shape[0] - x.shape[-1])) @ U_A
-            gp = F.pad(g, (0, U_B.shape[0] - d_out)) @ U_B
+            xp = _pad_last(x, U_A.shape[0]) @ U_A
+            gp = _pad_last(g, U_B.shape[0]) @ U_B
         if T == 1:
             # fresh matmul outputs are squared in place; captured tensors are not touched
             xs, gs = (
@@ -90,15 +90,23 @@ def squared_projections(
                 if rotated
                 else (xp[:, 0].square(), gp[:, 0].square())
             )
-            part = gs.mT @ xs
+            # the mean's 1/n rides on the matmul; beta=0 ignores the empty first input
+            first = total is None
+            into = gs.new_empty(gs.shape[-1], xs.shape[-1]) if total is None else total
+            total = torch.addmm(into, gs.mT, xs, beta=0 if first else 1, alpha=scale)
         else:
             per_example = gp.shape[-1] * xp.shape[-1] * x.element_size()
             step = max(1, chunk_bytes // per_example)
-            part = torch.zeros(gp.shape[-1], xp.shape[-1], dtype=x.dtype, device=x.device)
+            if total is None:
+                total = x.new_zeros(gp.shape[-1], xp.shape[-1])
             for s in range(0, n, step):
                 proj = gp[s : s + step].mT @ xp[s : s + step]  # (chunk, d_out, d_in)
-                part += proj.square().sum(0)
-        total = part if total is None else total + part
-        n_examples += n
+                total.add_(proj.square_().sum(0), alpha=scale)
     assert total is not None, "no captures"
-    return total[:d_out, :d_in] / n_examples
+    return total[:d_out, :d_in]
+
+
+def _pad_last(t: Tensor, width: int) -> Tensor:
+    """``t`` zero-padded along its last dim to ``width`` (itself, not a copy, if it fits)."""
+    extra = width - t.shape[-1]
+    return F.pad(t, (0, extra)) if extra else t

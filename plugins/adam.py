@@ -61,12 +61,13 @@ class Adam(Rule[AdamConfig]):
     def update(self, grad: Tensor, state: Any, ctx: RuleContext) -> tuple[Tensor, Any]:
         cfg = self.config
         step = state.step + 1
-        m = state.exp_avg.lerp(grad, 1 - cfg.beta1)
-        v = state.exp_avg_sq.mul(cfg.beta2).addcmul_(grad, grad, value=1 - cfg.beta2)
+        # in place, as torch.optim.Adam: the moments belong to this state alone
+        m = state.exp_avg.lerp_(grad, 1 - cfg.beta1)
+        v = state.exp_avg_sq.mul_(cfg.beta2).addcmul_(grad, grad, value=1 - cfg.beta2)
         bias1 = 1 - cfg.beta1**step
         bias2_sqrt = (1 - cfg.beta2**step) ** 0.5
-        denom = (v.sqrt() / bias2_sqrt).add_(cfg.eps)
-        return m / denom / bias1, AdamState(step, m, v)
+        denom = v.sqrt().div_(bias2_sqrt).add_(cfg.eps)
+        return torch.div(m, denom, out=denom).div_(bias1), AdamState(step, m, v)
 
     def diagonal(self, state: Any, ctx: RuleContext) -> Tensor | None:
         """The bias-corrected second moment ``v / (1 - beta2^t)``, the one Adam divides by

@@ -39,9 +39,30 @@ def test_repeated_steps_converge_to_the_eigenbasis() -> None:
     torch.testing.assert_close(est.sort().values, values)
 
 
+def test_padding_to_the_blas_multiple_is_exact() -> None:
+    """An odd side (as a bias column makes) runs zero-padded: the result equals the
+    unpadded subspace step it stands for, written out here, and is orthonormal."""
+    F, Q, _ = spd_with_eigenvectors(13, 4)
+    F[:, 5] = F[5, :] = 0  # a dead unit: a zero column inside the power step
+    old = torch.linalg.qr(Q + 0.05 * torch.randn(13, 13, dtype=DT))[0]
+    est, vectors = power_qr(F, old)
+    power = F @ old
+    expected_est = (old * power).sum(0)
+    order = expected_est.argsort(descending=True, stable=True)
+    q = torch.linalg.qr(power[:, order])[0]
+    expected = torch.empty_like(q)
+    expected[:, order] = q
+    torch.testing.assert_close(est, expected_est.clamp_min(0))
+    live = [j for j in range(13) if expected_est[j] > 1e-12]  # a zero column's Q is free
+    torch.testing.assert_close(vectors[:, live], expected[:, live])
+    torch.testing.assert_close(vectors.T @ vectors, torch.eye(13, dtype=DT))
+
+
 def test_non_finite_factor_is_refused() -> None:
     F, Q, _ = spd_with_eigenvectors(3, 3)
     F[0, 1] = float("nan")
+    assert power_qr(F, Q) is None
+    F[0, 1] = float("inf")
     assert power_qr(F, Q) is None
 
 
