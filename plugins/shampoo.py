@@ -19,6 +19,7 @@ from torch import Tensor
 
 from kfe import BasisSource, BasisSourceConfig, hookimpl
 from kfe.basis import PAD_MULTIPLE
+from kfe.statistics import gram
 
 
 class ShampooBasisConfig(BasisSourceConfig):
@@ -41,7 +42,7 @@ class ShampooBasis(BasisSource):
     ) -> tuple[Tensor, Tensor] | None:
         padded = _pad_to_multiple(grad)  # BLAS is slow on the odd sizes a bias column makes
         rows, cols = grad.shape
-        return (padded.mT @ padded)[:cols, :cols], (padded @ padded.mT)[:rows, :rows]
+        return gram(padded)[:cols, :cols], gram(padded.mT)[:rows, :rows]
 
 
 def _pad_to_multiple(matrix: Tensor) -> Tensor:

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import kfe
+from kfe.statistics import GRAM_BLOCK, gram
 from tests.conftest import BUILTIN_PLUGINS
 
 try:
@@ -244,6 +245,17 @@ def test_factors_match_explicit_sums(case_name: str) -> None:
     # the basis of step 0 is the eigenbasis of these factors
     assert_eigenbasis(cur.basis.U_A, cur.basis.a, ref.A)
     assert_eigenbasis(cur.basis.U_B, cur.basis.b, ref.B)
+
+
+@settings(deadline=None, max_examples=20)
+@given(rows=st.integers(1, 40), cols=st.integers(1, 3 * GRAM_BLOCK + 20))
+def test_blocked_gram_is_the_sum_of_outer_products(rows: int, cols: int) -> None:
+    """The factors' ``m^T m`` computed block-triangle-wise (wide layers split their
+    columns) equals ``sum_k m_k m_k^T`` written out, on either side of each split."""
+    g = torch.Generator().manual_seed(rows * cols)
+    m = torch.randn(rows, cols, generator=g, dtype=torch.float64)
+    explicit = sum(torch.outer(r, r) for r in m)
+    assert_close(gram(m), explicit)
 
 
 # -- 2. EKFAC's Lambda ----------------------------------------------------------------

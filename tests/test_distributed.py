@@ -458,7 +458,7 @@ def test_benchmark_quick(tmp_path) -> None:
     out = tmp_path / "bench.json"
     script = ROOT / "benchmarks" / "distributed_refresh.py"
     result = subprocess.run(
-        [sys.executable, str(script), "--quick", "--json", str(out)],
+        [sys.executable, str(script), "--quick", "--rounds", "2", "--json", str(out)],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -473,6 +473,11 @@ def test_benchmark_quick(tmp_path) -> None:
     assert counts == [owners.count(0), owners.count(1)]
     assert summary["2"]["calls"]["broadcast:eigenbases"] > 0
     assert summary["speedup"]["refresh"] > 0
+    assert len(summary["round_speedups"]) == 2  # world sizes alternated, then pooled
+    report = json.loads(out.read_text())
+    for ranks in report["runs"].values():
+        timed = [s for s in ranks[0]["steps"] if s["timed"]]
+        assert len(timed) == 2 * 2 * 4  # rounds x quick cycles x steps per cycle
 
 
 def test_single_process_uses_no_collective(registry) -> None:
