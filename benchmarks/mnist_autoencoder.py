@@ -17,7 +17,10 @@ damping, for K-FAC/EKFAC; ``--grid NAME=V1,V2``):
 - ``ekfac-batch``: rule ``{"name": "ekfac", "estimator": "batch"}``, ``lambda_every=1``;
 - ``soap``: ``pytorch_optimizer.SOAP`` with its defaults except ``lr``
   (``precondition_frequency=10``): an outside reference, skipped with a note when
-  ``pytorch-optimizer`` is not installed (``pip install --no-deps pytorch-optimizer``).
+  ``pytorch-optimizer`` is not installed (``pip install --no-deps pytorch-optimizer``);
+- ``kfe-soap``: kfe's SOAP, ``KFEOptimizer(rule="adam", basis="shampoo",
+  eigensolver="power_qr")``, refreshed every ``--soap-frequency`` steps like ``soap``,
+  factors every ``--factor-every`` steps (kfe's default 10; SOAP's own is 1).
 
 Fairness. Every grid point of every optimizer starts from the same initial weights
 (the experiment's seed; checked exactly, and a checksum is printed and stored)
@@ -84,7 +87,7 @@ from kfe.experiment.train import batches, evaluate, train_step
 sys.path.insert(0, str(Path(__file__).parent))
 from step_time import cpu_busy, git_revision, load_soap
 
-OPTIMIZERS = ("sgd", "adam", "kfac", "ekfac-ema", "ekfac-batch", "soap")
+OPTIMIZERS = ("sgd", "adam", "kfac", "ekfac-ema", "ekfac-batch", "soap", "kfe-soap")
 KFE_OPTIMIZERS = ("kfac", "ekfac-ema", "ekfac-batch")
 EKFAC = ("ekfac-ema", "ekfac-batch")
 # Default grids. A value is ``LR`` or, for the KFE optimizers, ``LR:DAMPING``. Chosen
@@ -102,6 +105,7 @@ DEFAULT_GRID: dict[str, tuple[str, ...]] = {
     "ekfac-ema": ("0.1:1", "0.03:0.1"),
     "ekfac-batch": ("0.1:10",),
     "soap": ("3e-2",),
+    "kfe-soap": ("3e-2",),
 }
 QUICK_GRID: dict[str, tuple[str, ...]] = {name: grid[:1] for name, grid in DEFAULT_GRID.items()}
 DEFAULT_DAMPING = 1.0  # KFE damping of a grid value given as a bare LR
@@ -178,6 +182,17 @@ def optimizer_section(point: GridPoint, args: argparse.Namespace) -> dict[str, A
         return {"type": "torch", "name": "sgd", "lr": point.lr, "momentum": args.sgd_momentum}
     if name in ("adam", "soap"):
         return {"type": "torch", "name": "adam", "lr": point.lr}
+    if name == "kfe-soap":  # kfe's SOAP: Adam on the Shampoo basis, refreshed as SOAP is
+        section = {
+            "type": "kfe",
+            "rule": "adam",
+            "basis": "shampoo",
+            "eigensolver": "power_qr",
+            "lr": point.lr,
+            "factor_every": args.factor_every,
+            "basis_every": args.soap_frequency,
+        }
+        return _with_overrides(section, args)
     rule: dict[str, Any] = {"name": "kfac"}
     lambda_every = args.lambda_every
     if name == "ekfac-ema":
@@ -195,6 +210,11 @@ def optimizer_section(point: GridPoint, args: argparse.Namespace) -> dict[str, A
         "basis_every": args.basis_every,
         "lambda_every": lambda_every,
     }
+    return _with_overrides(section, args)
+
+
+def _with_overrides(section: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """``section`` with ``--kfe-set`` applied (exit with the message on a bad one)."""
     try:
         return apply_overrides(section, args.kfe_set)
     except ConfigError as exc:
@@ -490,7 +510,7 @@ def calibrate(
         evaluate(exp, exp.data.x_train, exp.data.y_train)
         eval_s = time.perf_counter() - start
     plain = sum(times[1:]) / k
-    refreshes = math.ceil(args.steps / args.basis_every) if point.optimizer != "soap" else 1
+    refreshes = math.ceil(args.steps / args.basis_every) if "soap" not in point.optimizer else 1
     n_evals = args.steps // args.eval_every + 1 + (args.steps % args.eval_every != 0)
     return {
         "first_step_s": times[0],

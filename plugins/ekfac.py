@@ -3,7 +3,9 @@
 .. math::
 
     \\Lambda_{jk} = \\mathbb E_i\\big[(U_B^\\top G_i U_A)_{jk}^2\\big], \\qquad
-    \\tilde D = \\tilde M \\oslash (\\Lambda + \\lambda).
+    \\tilde D = \\tilde M \\oslash (\\Lambda + \\lambda)
+    \\quad\\text{or, with damping\\_scale "mean",}\\quad
+    \\tilde M \\oslash (\\Lambda + \\lambda\\, \\overline{\\Lambda}).
 
 ``Lambda`` is the diagonal of the Fisher block in the KFE and the best diagonal there
 in Frobenius norm. Estimators, updated every ``lambda_every`` steps:
@@ -35,6 +37,9 @@ class EKFACConfig(RuleConfig):
     """``batch``: Lambda from the latest minibatch; ``ema``: running average."""
     decay: float = Field(0.95, ge=0, lt=1)
     """EMA decay of Lambda (``ema`` estimator only)."""
+    damping_scale: Literal["absolute", "mean"] = "absolute"
+    """``absolute``: add ``damping`` to Lambda; ``mean``: add ``damping * mean(Lambda)``
+    of the block (scale-free per layer: every layer damped relative to its own Fisher)."""
 
 
 class EKFACState(NamedTuple):
@@ -57,7 +62,10 @@ class EKFAC(Rule[EKFACConfig]):
             else:
                 scale = scale.lerp(fresh, 1 - self.config.decay)
         denominator = self._stand_in(grad, ctx) if scale is None else scale
-        return grad / (denominator + ctx.damping), EKFACState(scale)
+        damping: float | Tensor = ctx.damping
+        if self.config.damping_scale == "mean":
+            damping = denominator.mean() * damping
+        return grad / (denominator + damping), EKFACState(scale)
 
     def _stand_in(self, grad: Tensor, ctx: RuleContext) -> Tensor:
         """Until Lambda is estimated: K-FAC's ``b a^T`` if the basis has it, else ``M~^2``."""

@@ -34,6 +34,10 @@ class KFACConfig(RuleConfig):
     """``product``: damping added to ``b a^T``; ``split``: split between the factors."""
     pi_correction: bool = True
     """Split damping by Martens and Grosse's pi (``split`` mode only)."""
+    damping_scale: Literal["absolute", "mean"] = "absolute"
+    """``absolute``: ``damping`` as given; ``mean``: ``damping * mean(b) mean(a)`` of the
+    block (scale-free per layer); split, that is ``sqrt(damping)`` times each factor's
+    mean eigenvalue (pi-corrected; ``pi_correction`` then has no effect)."""
 
 
 class KFACState(NamedTuple):
@@ -56,19 +60,23 @@ class KFAC(Rule[KFACConfig]):
         """``(lambda_B, lambda_A)`` for the ``split`` mode."""
         assert ctx.eigenvalues is not None
         b, a = ctx.eigenvalues
-        pi = 1.0
-        if self.config.pi_correction:
-            mean_a, mean_b = a.mean().item(), b.mean().item()
-            if mean_a > 0 and mean_b > 0:
-                pi = math.sqrt(mean_a / mean_b)
         root = math.sqrt(ctx.damping)
+        mean_a, mean_b = a.mean().item(), b.mean().item()
+        if self.config.damping_scale == "mean":
+            return root * mean_b, root * mean_a
+        pi = 1.0
+        if self.config.pi_correction and mean_a > 0 and mean_b > 0:
+            pi = math.sqrt(mean_a / mean_b)
         return root / pi, root * pi
 
     def update(self, grad: Tensor, state: Any, ctx: RuleContext) -> tuple[Tensor, Any]:
         b, a = ctx.eigenvalues or (None, None)
         assert a is not None and b is not None
         if self.config.damping_mode == "product":
-            return grad / (torch.outer(b, a) + ctx.damping), state
+            damping: float | Tensor = ctx.damping
+            if self.config.damping_scale == "mean":
+                damping = b.mean() * a.mean() * damping
+            return grad / (torch.outer(b, a) + damping), state
         d_b, d_a = self.split_damping(ctx)
         return grad / torch.outer(b + d_b, a + d_a), state
 

@@ -305,13 +305,34 @@ def test_ekfac_lambda_two_forwards_one_backward() -> None:
 
 
 @case_names
-def test_kfac_product_update_is_dense_solve(case_name: str) -> None:
+@pytest.mark.parametrize("scale", ["absolute", "mean"])
+def test_kfac_product_update_is_dense_solve(case_name: str, scale: str) -> None:
+    """``mean``: the damping is relative to the block's mean eigenvalue product,
+    ``tr(A (x) B) / dim = (tr A / d_A)(tr B / d_B)``."""
     case = CASES[case_name]()
     ref = dense_of(case_name)
     damping = 3e-2
-    _, D = one_step(case, {"name": "kfac", "damping_mode": "product"}, damping)
+    rule = {"name": "kfac", "damping_mode": "product", "damping_scale": scale}
+    _, D = one_step(case, rule, damping)
     K = torch.kron(ref.B, ref.A)
+    if scale == "mean":
+        damping *= torch.trace(K).item() / K.shape[0]
     expected = torch.linalg.solve(K + damping * torch.eye(K.shape[0], dtype=DT), ref.grad)
+    assert_close(D.reshape(-1), expected, rel=1e-9)
+
+
+@case_names
+def test_kfac_split_mean_damping_is_dense_solve(case_name: str) -> None:
+    """Split and relative: each factor damped by ``sqrt(damping)`` times its mean eigenvalue."""
+    case = CASES[case_name]()
+    ref = dense_of(case_name)
+    damping = 3e-2
+    rule = {"name": "kfac", "damping_mode": "split", "damping_scale": "mean"}
+    _, D = one_step(case, rule, damping)
+    root = math.sqrt(damping)
+    A_d = ref.A + root * torch.trace(ref.A) / ref.A.shape[0] * torch.eye(ref.A.shape[0], dtype=DT)
+    B_d = ref.B + root * torch.trace(ref.B) / ref.B.shape[0] * torch.eye(ref.B.shape[0], dtype=DT)
+    expected = torch.linalg.solve(torch.kron(B_d, A_d), ref.grad)
     assert_close(D.reshape(-1), expected, rel=1e-9)
 
 
@@ -339,16 +360,21 @@ def test_kfac_split_update_is_dense_solve(case_name: str, pi_correction: bool) -
 
 
 @case_names
-def test_ekfac_update_is_dense(case_name: str) -> None:
+@pytest.mark.parametrize("scale", ["absolute", "mean"])
+def test_ekfac_update_is_dense(case_name: str, scale: str) -> None:
+    """``mean``: damping relative to the block's mean Lambda, ``tr(U^T F U) / dim``."""
     case = CASES[case_name]()
     ref = dense_of(case_name)
     damping = 2e-2
-    opt, D = one_step(case, {"name": "ekfac", "estimator": "batch"}, damping)
+    rule = {"name": "ekfac", "estimator": "batch", "damping_scale": scale}
+    opt, D = one_step(case, rule, damping)
     basis = kfe.inspect_layer(opt, case.name).basis
     assert_eigenbasis(basis.U_A, basis.a, ref.A)
     assert_eigenbasis(basis.U_B, basis.b, ref.B)
     U = torch.kron(basis.U_B, basis.U_A)
     lam = torch.diagonal(U.mT @ ref.F @ U)
+    if scale == "mean":
+        damping *= torch.trace(ref.F).item() / ref.F.shape[0]
     expected = U @ ((U.mT @ ref.grad) / (lam + damping))
     assert_close(D.reshape(-1), expected, rel=1e-9)
 
