@@ -47,7 +47,7 @@ from kfe.eigh import power_qr, robust_eigh
 from kfe.registry import Registry, default_registry
 from kfe.rule import BasisPolicy, Rule, RuleContext, Statistic
 from kfe.source import BasisSource
-from kfe.statistics import squared_projections
+from kfe.statistics import kfe_moments
 
 __all__ = ["KFEOptimizer"]
 
@@ -137,6 +137,8 @@ class _Job:
     """The zero-padded basis before the refresh, if it was cached (for rotations)."""
     squares: Tensor | None = None
     """A fresh ``E_i[(U_B^T G_i U_A)^2]`` (averaged over ranks), if this step made one."""
+    projected: Tensor | None = None
+    """``U_B^T grad U_A`` formed from the captures, if they are known to sum to ``grad``."""
 
     @property
     def current(self) -> Eigenbasis:
@@ -232,6 +234,7 @@ class KFEOptimizer(torch.optim.Optimizer):
         self._step = 0
         self._warned: set[str] = set()
         self._padded: dict[LayerBlock, Eigenbasis] = {}
+        self._probes: dict[int, Tensor] = {}  # probe vectors by width (see _captured_...)
         """Zero-padded copies of each block's basis for fast matmuls; rebuilt at refresh."""
         self._factor_sides = [_factor_sides(b) for b in self.blocks]
         """``(d_A, d_B)`` of each block: the sides of its two Kronecker factors."""
@@ -244,6 +247,9 @@ class KFEOptimizer(torch.optim.Optimizer):
         """Factor eigendecompositions (one ``eigh`` or ``power_qr`` each) run by this rank."""
         self.decomposition_cost = 0
         """Their summed cost ``sum d^3`` (``d``: the side of each factor)."""
+        self.gradients_from_captures = 0
+        """Block updates whose ``U_B^T grad U_A`` came from the captures (the check of
+        :meth:`_captured_gradient_scales` passed) instead of rotating ``grad``."""
         self._arm_capture()
 
     # -- cadence ------------------------------------------------------------------
@@ -633,13 +639,16 @@ class KFEOptimizer(torch.optim.Optimizer):
             squares = None
             if job.pairs:
                 with record_function("kfe/lambda"):
-                    squares = squared_projections(
+                    scales = self._captured_gradient_scales(job) if fast else None
+                    moments = kfe_moments(
                         job.pairs,
                         fast.U_B if fast else None,
                         fast.U_A if fast else None,
                         d_in=job.grad.shape[1],
                         chunk_bytes=self.config.lambda_chunk_mb * 2**20,
+                        gradient_scales=scales,
                     )
+                squares, job.projected = moments
             found.append(squares)
         if self.communicator.active:
             found = self._average(due, found, lambda g: [tuple(g.shape)], "squared projections")
@@ -652,6 +661,47 @@ class KFEOptimizer(torch.optim.Optimizer):
                 )
                 squares = None
             job.squares = squares
+
+    def _captured_gradient_scales(self, job: _Job) -> list[float] | None:
+        """``s_p`` with ``grad = sum_p s_p g_p^T x_p`` over the captured pairs, if that holds.
+
+        Then the Lambda phase can hand the rule ``U_B^T grad U_A`` from the rotated
+        captures it forms anyway (:func:`kfe.statistics.kfe_moments`), saving the two
+        rotations of ``grad``. It holds in a plain loop (one or more forwards, one
+        backward, batch-mean or summed loss) and not when anything else touched
+        ``.grad``: gradient clipping, accumulation over steps, DDP's averaging, other
+        loss terms on the weights, the true Fisher's sampled labels, ``l2`` decay. So
+        it is checked, not assumed: along a fixed pseudo-random direction ``r``,
+        ``grad r`` must equal ``sum_p s_p g_p^T (x_p r)`` to ``1e-5`` relative (three
+        matrix-vector products); otherwise ``grad`` itself is rotated, as always.
+        """
+        cfg = self.config
+        if (
+            self.communicator.active
+            or cfg.fisher != "empirical"
+            or (job.group["weight_decay"] and cfg.weight_decay_style == "l2")
+        ):
+            return None
+        averaged = self.capture.batch_averaged
+        scales = [1 / x.shape[0] if averaged else 1.0 for x, _ in job.pairs]
+        grad = job.grad
+        probe = self._probes.get(grad.shape[1])
+        if probe is None or probe.device != grad.device or probe.dtype != grad.dtype:
+            g = torch.Generator().manual_seed(grad.shape[1])
+            probe = torch.randn(grad.shape[1], generator=g, dtype=torch.float64)
+            probe = self._probes[grad.shape[1]] = probe.to(grad.device, grad.dtype)
+        direct = grad @ probe
+        captured = sum(
+            (
+                s * (g.reshape(-1, g.shape[-1]).mT @ (x[..., : grad.shape[1]] @ probe).reshape(-1))
+                for s, (x, g) in zip(scales, job.pairs, strict=True)
+            ),
+            torch.zeros_like(direct),
+        )
+        if not bool((direct - captured).norm() <= 1e-5 * direct.norm()):
+            return None
+        self.gradients_from_captures += 1
+        return scales
 
     # phase 5, 6: rule and update
 
@@ -673,7 +723,9 @@ class KFEOptimizer(torch.optim.Optimizer):
             direction, rule_state = shortcut
         else:
             with record_function("kfe/project"):
-                projected = fast.project(grad) if fast else grad
+                projected = job.projected
+                if projected is None:
+                    projected = fast.project(grad) if fast else grad
             with record_function("kfe/rule"):
                 projected, rule_state = self.rule.update(projected, rule_state, ctx)
             with record_function("kfe/unproject"):

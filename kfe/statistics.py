@@ -26,6 +26,7 @@ chunks of the batch whose size keeps them under ``chunk_bytes``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +34,7 @@ from torch import Tensor
 
 from kfe.basis import PAD_MULTIPLE
 
-__all__ = ["batch_factors", "gram", "squared_projections"]
+__all__ = ["Moments", "batch_factors", "gram", "kfe_moments", "squared_projections"]
 
 DEFAULT_CHUNK_BYTES = 64 * 2**20
 GRAM_BLOCK = 352
@@ -99,16 +100,57 @@ def squared_projections(
     for the identity basis; ``x`` may carry zero padding columns after its first
     ``d_in``. The result has the unpadded shape ``(d_out, d_in)``.
     """
+    return kfe_moments(pairs, U_B, U_A, d_in, chunk_bytes).squares
+
+
+class Moments(NamedTuple):
+    """The per-example statistics of one step's captures in the KFE."""
+
+    squares: Tensor
+    """``E_i[(U_B^T G_i U_A)^2]``."""
+    gradient: Tensor | None = None
+    """``sum_p s_p U_B^T g_p^T x_p U_A`` (the projected gradient), if asked for."""
+
+
+def kfe_moments(
+    pairs: Sequence[tuple[Tensor, Tensor]],
+    U_B: Tensor | None,
+    U_A: Tensor | None,
+    d_in: int | None = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    gradient_scales: Sequence[float] | None = None,
+) -> Moments:
+    """:func:`squared_projections`, and with ``gradient_scales`` (one ``s_p`` per pair)
+    also the projected gradient the captures add up to,
+
+    .. math::  \\tilde M = \\sum_p s_p\\, (g_p U_B)^\\top (x_p U_A),
+
+    from the same rotated ``x U_A`` and ``g U_B`` (before they are squared): one
+    ``d_out x n x d_in`` matmul instead of the two rotations of ``.grad``. It equals
+    ``U_B^T .grad U_A`` only when ``.grad`` is exactly the captured sum; the optimizer
+    checks that before using it.
+    """
     scale = 1 / sum(x.shape[0] for x, _ in pairs)
     d_out = pairs[0][1].shape[-1]
     total: Tensor | None = None
-    for x, g in pairs:
+    gradient: Tensor | None = None
+    for k, (x, g) in enumerate(pairs):
         n, T = x.shape[0], x.shape[1]
         xp, gp = x, g  # (n, T, d_in), (n, T, d_out), padded if the basis is
         rotated = U_A is not None and U_B is not None
         if U_A is not None and U_B is not None:  # (spelt out for the type checker)
             xp = _pad_last(x, U_A.shape[0]) @ U_A
             gp = _pad_last(g, U_B.shape[0]) @ U_B
+        if gradient_scales is not None:
+            rows_g, rows_x = gp.reshape(-1, gp.shape[-1]), xp.reshape(-1, xp.shape[-1])
+            into = (
+                rows_g.new_empty(rows_g.shape[-1], rows_x.shape[-1])
+                if gradient is None
+                else gradient
+            )
+            gradient = torch.addmm(
+                into, rows_g.mT, rows_x, beta=0 if k == 0 else 1, alpha=gradient_scales[k]
+            )
         if T == 1:
             # fresh matmul outputs are squared in place; captured tensors are not touched
             xs, gs = (
@@ -129,7 +171,8 @@ def squared_projections(
                 proj = gp[s : s + step].mT @ xp[s : s + step]  # (chunk, d_out, d_in)
                 total.add_(proj.square_().sum(0), alpha=scale)
     assert total is not None, "no captures"
-    return total[:d_out, :d_in]
+    cut = None if gradient is None else gradient[:d_out, :d_in]
+    return Moments(total[:d_out, :d_in], cut)
 
 
 def _pad_last(t: Tensor, width: int) -> Tensor:
