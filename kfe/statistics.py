@@ -34,7 +34,7 @@ from torch import Tensor
 
 from kfe.basis import PAD_MULTIPLE
 
-__all__ = ["Moments", "batch_factors", "gram", "kfe_moments", "squared_projections"]
+__all__ = ["Moments", "batch_factors", "gram", "kfe_moments"]
 
 DEFAULT_CHUNK_BYTES = 64 * 2**20
 GRAM_BLOCK = 352
@@ -87,22 +87,6 @@ def batch_factors(
     return a_sum[:d_in, :d_in] / n_positions, b_sum / n_examples
 
 
-def squared_projections(
-    pairs: Sequence[tuple[Tensor, Tensor]],
-    U_B: Tensor | None,
-    U_A: Tensor | None,
-    d_in: int | None = None,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-) -> Tensor:
-    """``E_i[(U_B^T G_i U_A)^2]`` over the examples of one step's captures.
-
-    ``U_B``, ``U_A`` may be zero-padded (:func:`kfe.basis.pad_square`), or both ``None``
-    for the identity basis; ``x`` may carry zero padding columns after its first
-    ``d_in``. The result has the unpadded shape ``(d_out, d_in)``.
-    """
-    return kfe_moments(pairs, U_B, U_A, d_in, chunk_bytes).squares
-
-
 class Moments(NamedTuple):
     """The per-example statistics of one step's captures in the KFE."""
 
@@ -120,8 +104,8 @@ def kfe_moments(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     gradient_scales: Sequence[float] | None = None,
 ) -> Moments:
-    """:func:`squared_projections`, and with ``gradient_scales`` (one ``s_p`` per pair)
-    also the projected gradient the captures add up to,
+    """``E_i[(U_B^T G_i U_A)^2]`` over the examples of one step's captures, and with
+    ``gradient_scales`` (one ``s_p`` per pair) also the projected gradient they add up to,
 
     .. math::  \\tilde M = \\sum_p s_p\\, (g_p U_B)^\\top (x_p U_A),
 
@@ -129,6 +113,10 @@ def kfe_moments(
     ``d_out x n x d_in`` matmul instead of the two rotations of ``.grad``. It equals
     ``U_B^T .grad U_A`` only when ``.grad`` is exactly the captured sum; the optimizer
     checks that before using it.
+
+    ``U_B``, ``U_A`` may be zero-padded (:func:`kfe.basis.pad_square`), or both ``None``
+    for the identity basis; ``x`` may carry zero padding columns after its first
+    ``d_in``. The results have the unpadded shape ``(d_out, d_in)``.
     """
     scale = 1 / sum(x.shape[0] for x, _ in pairs)
     d_out = pairs[0][1].shape[-1]
