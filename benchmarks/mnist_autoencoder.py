@@ -19,8 +19,9 @@ damping, for K-FAC/EKFAC; ``--grid NAME=V1,V2``):
   (``precondition_frequency=10``): an outside reference, skipped with a note when
   ``pytorch-optimizer`` is not installed (``pip install --no-deps pytorch-optimizer``);
 - ``kfe-soap``: kfe's SOAP, ``KFEOptimizer(rule="adam", basis="shampoo",
-  eigensolver="power_qr")``, refreshed every ``--soap-frequency`` steps like ``soap``,
-  factors every ``--factor-every`` steps (kfe's default 10; SOAP's own is 1).
+  eigensolver="power_qr")`` with ``soap``'s settings (betas 0.95/0.95, decoupled weight
+  decay 0.01, factor EMA decay 0.95 updated every step), refreshed every
+  ``--soap-frequency`` steps like ``soap`` (``--kfe-set`` overrides any of them).
 
 Fairness. Every grid point of every optimizer starts from the same initial weights
 (the experiment's seed; checked exactly, and a checksum is printed and stored)
@@ -109,6 +110,9 @@ DEFAULT_GRID: dict[str, tuple[str, ...]] = {
 }
 QUICK_GRID: dict[str, tuple[str, ...]] = {name: grid[:1] for name, grid in DEFAULT_GRID.items()}
 DEFAULT_DAMPING = 1.0  # KFE damping of a grid value given as a bare LR
+# pytorch-optimizer 4.1.0's SOAP defaults, which ``soap`` runs with and ``kfe-soap`` copies
+SOAP_BETAS = (0.95, 0.95)
+SOAP_WEIGHT_DECAY = 0.01
 TARGET_ADAM_RATIO = 0.7  # target 1: ekfac reaches Adam's loss in <= 0.7x Adam's time
 QUICK_TRAIN_LIMIT = 2000
 LINE = "-" * 100
@@ -182,14 +186,16 @@ def optimizer_section(point: GridPoint, args: argparse.Namespace) -> dict[str, A
         return {"type": "torch", "name": "sgd", "lr": point.lr, "momentum": args.sgd_momentum}
     if name in ("adam", "soap"):
         return {"type": "torch", "name": "adam", "lr": point.lr}
-    if name == "kfe-soap":  # kfe's SOAP: Adam on the Shampoo basis, refreshed as SOAP is
+    if name == "kfe-soap":  # kfe's SOAP with the settings of pytorch-optimizer's SOAP
         section = {
             "type": "kfe",
-            "rule": "adam",
+            "rule": {"name": "adam", "beta1": SOAP_BETAS[0], "beta2": SOAP_BETAS[1]},
             "basis": "shampoo",
             "eigensolver": "power_qr",
             "lr": point.lr,
-            "factor_every": args.factor_every,
+            "weight_decay": SOAP_WEIGHT_DECAY,  # decoupled, as SOAP's
+            "factor_decay": SOAP_BETAS[1],  # SOAP's shampoo_beta defaults to beta2
+            "factor_every": 1,  # SOAP updates its factors every step
             "basis_every": args.soap_frequency,
         }
         return _with_overrides(section, args)
