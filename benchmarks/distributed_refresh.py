@@ -344,8 +344,11 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.worker is not None:
+        from kfe.distributed import shutdown
+
         result = run_rank(args)
         args.worker.write_text(json.dumps(result))
+        shutdown()  # leave the process group before the interpreter's teardown
         return
     sizes = [int(w) for w in args.world_sizes.split(",")]
     load_before = os.getloadavg()

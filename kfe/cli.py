@@ -56,18 +56,22 @@ def _out(args: argparse.Namespace, config: ExperimentConfigBase, suffix: str = "
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from kfe.distributed import shutdown
     from kfe.experiment.setup import build_experiment
     from kfe.experiment.train import train
 
     config = load_experiment(args.config, args.overrides)
     out = _out(args, config)
-    exp = build_experiment(config)
-    if args.profile:
-        from kfe.experiment.profile import profile_experiment
+    try:
+        exp = build_experiment(config)
+        if args.profile:
+            from kfe.experiment.profile import profile_experiment
 
-        profile_experiment(exp, out / "profile", steps=args.profile_steps)
-        exp = build_experiment(config)  # the profiled steps do not count
-    last = train(config, out, resume=args.resume, experiment=exp)
+            profile_experiment(exp, out / "profile", steps=args.profile_steps)
+            exp = build_experiment(config)  # the profiled steps do not count
+        last = train(config, out, resume=args.resume, experiment=exp)
+    finally:
+        shutdown()  # under torchrun: leave the process group before exiting
     if exp.is_main:
         print(json.dumps({"run_dir": str(out), **last}))
     return 0

@@ -50,6 +50,7 @@ __all__ = [
     "assign_owners",
     "init_from_env",
     "is_main_process",
+    "shutdown",
     "world",
 ]
 
@@ -113,6 +114,18 @@ def init_from_env(
         backend, rank=rank, world_size=size, timeout=timedelta(seconds=timeout_s)
     )
     return rank, size
+
+
+def shutdown() -> None:
+    """Destroy the default process group and every group made from it (the optimizer's
+    own, with ``comm_timeout_s``), if one is initialised; otherwise do nothing.
+
+    Call it when a distributed run ends: a process that exits with live groups leaves
+    their worker threads to the interpreter's teardown, which can abort it ("terminate
+    called without an active exception") after all its work succeeded.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def assign_owners(costs: Sequence[int | float], world_size: int) -> list[int]:

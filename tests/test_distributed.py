@@ -23,11 +23,12 @@ from typing import Any
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from kfe import KFEOptimizer, Registry, load_registry
-from kfe.distributed import assign_owners, init_from_env, is_main_process
+from kfe.distributed import assign_owners, init_from_env, is_main_process, shutdown
 
 WIDTHS = (64, 32, 16, 8, 4, 8, 16, 32, 64)
 """The MNIST auto-encoder's shape (784-1000-...-784) at reduced width: 8 Linear layers,
@@ -492,6 +493,17 @@ def test_init_from_env_is_a_no_op_without_torchrun(monkeypatch) -> None:
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert init_from_env() == (0, 1)
     assert is_main_process()
+
+
+def test_shutdown_leaves_the_group_and_is_a_no_op_without_one(tmp_path) -> None:
+    shutdown()  # nothing initialised: nothing happens
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    dist.new_group()  # the optimizer's own group, as with comm_timeout_s
+    assert dist.is_initialized()
+    shutdown()
+    assert not dist.is_initialized()
 
 
 def test_assign_owners_is_a_greedy_balance() -> None:
