@@ -63,6 +63,10 @@ class KFEConfigBase(BaseModel):
     """Update per-example KFE statistics (EKFAC's Lambda) every this many steps."""
     factor_decay: float = Field(0.95, ge=0, lt=1)
     """EMA decay of the factors: ``A <- decay * A + (1 - decay) * A_batch``."""
+    factor_init: tuple[PositiveFloat, PositiveFloat] | None = None
+    """Start the factor EMAs at ``(s_A I, s_B I)`` and fold the first batch in like any
+    other (KAISA's start; for ``s_B >> B`` the early steps precondition by ``A`` only).
+    ``None``: the first batch's factors themselves (Martens & Grosse's start)."""
     fisher: Literal["empirical", "true"] = "empirical"
     """``empirical``: training labels, no extra call; ``true``: labels sampled from the
     model (call ``optimizer.sample_fisher(output, kind)`` before ``loss.backward()``)."""

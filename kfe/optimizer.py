@@ -481,7 +481,8 @@ class KFEOptimizer(torch.optim.Optimizer):
                     self._fold_factors(job.block, job.st, factors[0], factors[1])
 
     def _fold_factors(self, block: LayerBlock, st: dict[str, Any], A: Tensor, B: Tensor) -> None:
-        """``A <- lerp(A, A_batch, 1 - factor_decay)`` (a copy the first time), same for B;
+        """``A <- lerp(A, A_batch, 1 - factor_decay)`` (the first time: a copy, or the fold
+        into ``factor_init``'s scaled identity), same for B;
         non-finite batch factors are skipped (checked after the reduction: every rank
         decides alike)."""
         # Gram matrices: |A_jk| <= sqrt(A_jj A_kk), so finite diagonals mean finite factors
@@ -491,12 +492,16 @@ class KFEOptimizer(torch.optim.Optimizer):
                 f"layer {block.name!r}: non-finite factor statistics skipped",
             )
             return
-        if K.FACTOR_A not in st:
+        start = self.config.factor_init
+        if K.FACTOR_A not in st and start is None:
             st[K.FACTOR_A], st[K.FACTOR_B] = A.contiguous(), B.contiguous()
-        else:
-            weight = 1 - self.config.factor_decay
-            st[K.FACTOR_A].lerp_(A, weight)
-            st[K.FACTOR_B].lerp_(B, weight)
+            return
+        if K.FACTOR_A not in st and start is not None:
+            st[K.FACTOR_A] = start[0] * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+            st[K.FACTOR_B] = start[1] * torch.eye(B.shape[0], dtype=B.dtype, device=B.device)
+        weight = 1 - self.config.factor_decay
+        st[K.FACTOR_A].lerp_(A, weight)
+        st[K.FACTOR_B].lerp_(B, weight)
 
     def _average(
         self,

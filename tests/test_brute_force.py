@@ -247,6 +247,39 @@ def test_factors_match_explicit_sums(case_name: str) -> None:
     assert_eigenbasis(cur.basis.U_B, cur.basis.b, ref.B)
 
 
+def test_identity_factor_start_folds_every_batch_into_it() -> None:
+    """``factor_init=(s_A, s_B)``: ``A_1 = lerp(s_A I, A_b1, w)``, ``A_2 = lerp(A_1, A_b2, w)``;
+    the batch factors read from a twin whose EMA keeps only the latest batch."""
+    factors = {}
+    for name, extra in (
+        ("start", {"factor_init": (2.0, 5.0), "factor_decay": 0.8}),
+        ("batch", {"factor_decay": 0.0}),
+    ):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(DT)
+        opt = kfe.KFEOptimizer(
+            model, rule="ekfac", lr=0.0, factor_every=1, basis_every=100, **extra
+        )
+        g = torch.Generator().manual_seed(1)
+        factors[name] = []
+        for _ in range(2):
+            x = torch.randn(8, 3, generator=g, dtype=DT)
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+            layer = kfe.inspect_layer(opt, "2")
+            assert layer.A is not None and layer.B is not None
+            factors[name].append((layer.A.clone(), layer.B.clone()))
+    (A1, B1), (A2, B2) = factors["start"]
+    (a1, b1), (a2, b2) = factors["batch"]
+    assert_close(A1, torch.lerp(2.0 * torch.eye(5, dtype=DT), a1, 0.2))
+    assert_close(B1, torch.lerp(5.0 * torch.eye(2, dtype=DT), b1, 0.2))
+    assert_close(A2, torch.lerp(A1, a2, 0.2))
+    assert_close(B2, torch.lerp(B1, b2, 0.2))
+    with pytest.raises(ValueError, match="factor_init"):
+        kfe.KFEOptimizer(model, factor_init=(0.0, 1.0))
+
+
 @settings(deadline=None, max_examples=20)
 @given(rows=st.integers(1, 40), cols=st.integers(1, 3 * GRAM_BLOCK + 20))
 def test_blocked_gram_is_the_sum_of_outer_products(rows: int, cols: int) -> None:
