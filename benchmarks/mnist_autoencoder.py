@@ -583,58 +583,59 @@ def summarize(runs: list[Run], optimizers: list[str], args: argparse.Namespace) 
     checks = []
     if adam is not None:
         limit = TARGET_ADAM_RATIO * adam.train_time
-        for name in EKFAC:
-            row = rows.get(name)
-            if row is None:
-                continue
-            reach = row["time_to_target"]["adam"]
-            t = None if reach is None else reach["time_s"]
-            checks.append(
-                {
-                    "target": 1,
-                    "optimizer": name,
-                    "met": t is not None and t <= limit,
-                    "time_s": t,
-                    "limit_s": limit,
-                    "text": (
-                        f"{name} "
-                        + ("does not reach" if t is None else f"reaches in {t:.1f} s")
-                        + f" Adam's final loss {targets['adam']:.3f}"
-                        + f"; limit {TARGET_ADAM_RATIO}x Adam's {adam.train_time:.1f} s"
-                        f" = {limit:.1f} s"
-                        + ("" if t is None else f" (ratio {t / adam.train_time:.2f}x)")
-                    ),
-                }
-            )
+        checks += target_checks(
+            rows, 1, "adam", f"Adam's final loss {targets['adam']:.3f}", adam.train_time,
+            limit, lambda t: t <= limit,
+            f"limit {TARGET_ADAM_RATIO}x Adam's {adam.train_time:.1f} s = {limit:.1f} s",
+        )  # fmt: skip
     if soap is not None:
-        for name in EKFAC:
-            row = rows.get(name)
-            if row is None:
-                continue
-            reach = row["time_to_target"]["soap"]
-            t = None if reach is None else reach["time_s"]
-            checks.append(
-                {
-                    "target": 2,
-                    "optimizer": name,
-                    "met": t is not None and t < soap.train_time,
-                    "time_s": t,
-                    "limit_s": soap.train_time,
-                    "text": (
-                        f"{name} "
-                        + ("does not reach" if t is None else f"reaches in {t:.1f} s")
-                        + f" SOAP's final loss {targets['soap']:.3f}"
-                        + f"; SOAP takes {soap.train_time:.1f} s"
-                        + ("" if t is None else f" (ratio {t / soap.train_time:.2f}x)")
-                    ),
-                }
-            )
+        checks += target_checks(
+            rows, 2, "soap", f"SOAP's final loss {targets['soap']:.3f}", soap.train_time,
+            soap.train_time, lambda t: t < soap.train_time,
+            f"SOAP takes {soap.train_time:.1f} s",
+        )  # fmt: skip
     return {
         "targets": targets,
         "budget_s": budget,
         "best": rows,
         "checks": checks,
     }
+
+
+def target_checks(
+    rows: dict[str, Any],
+    target: int,
+    key: str,
+    what: str,
+    reference_s: float,
+    limit_s: float,
+    met: Callable[[float], bool],
+    limit_text: str,
+) -> list[dict[str, Any]]:
+    """One check per EKFAC variant in ``rows``: its time to the ``key`` target loss."""
+    checks = []
+    for name in EKFAC:
+        row = rows.get(name)
+        if row is None:
+            continue
+        reach = row["time_to_target"][key]
+        t = None if reach is None else reach["time_s"]
+        checks.append(
+            {
+                "target": target,
+                "optimizer": name,
+                "met": t is not None and met(t),
+                "time_s": t,
+                "limit_s": limit_s,
+                "text": (
+                    f"{name} "
+                    + ("does not reach" if t is None else f"reaches in {t:.1f} s")
+                    + f" {what}; {limit_text}"
+                    + ("" if t is None else f" (ratio {t / reference_s:.2f}x)")
+                ),
+            }
+        )
+    return checks
 
 
 def print_report(

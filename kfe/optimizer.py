@@ -639,12 +639,17 @@ class KFEOptimizer(torch.optim.Optimizer):
         if not due:
             return
         found: list[Tensor | None] = []
+        with record_function("kfe/lambda"):
+            reusable = [job for job in due if job.pairs and self._fast(job) is not None]
+            found_scales = dict(
+                zip(reusable, self._captured_gradient_scales(reusable), strict=True)
+            )
         for job in due:
             fast = self._fast(job)
             squares = None
             if job.pairs:
                 with record_function("kfe/lambda"):
-                    scales = self._captured_gradient_scales(job) if fast else None
+                    scales = found_scales.get(job)
                     moments = kfe_moments(
                         job.pairs,
                         fast.U_B if fast else None,
@@ -667,8 +672,9 @@ class KFEOptimizer(torch.optim.Optimizer):
                 squares = None
             job.squares = squares
 
-    def _captured_gradient_scales(self, job: _Job) -> list[float] | None:
-        """``s_p`` with ``grad = sum_p s_p g_p^T x_p`` over the captured pairs, if that holds.
+    def _captured_gradient_scales(self, jobs: list[_Job]) -> list[list[float] | None]:
+        """Per job, ``s_p`` with ``grad = sum_p s_p g_p^T x_p`` over its captured pairs, if
+        that holds (else ``None``); one host sync for all jobs.
 
         Then the Lambda phase can hand the rule ``U_B^T grad U_A`` from the rotated
         captures it forms anyway (:func:`kfe.statistics.kfe_moments`), saving the two
@@ -681,32 +687,43 @@ class KFEOptimizer(torch.optim.Optimizer):
         matrix-vector products); otherwise ``grad`` itself is rotated, as always.
         """
         cfg = self.config
-        if (
-            self.communicator.active
-            or cfg.fisher != "empirical"
-            or (job.group["weight_decay"] and cfg.weight_decay_style == "l2")
-        ):
-            return None
+        if not jobs or self.communicator.active or cfg.fisher != "empirical":
+            return [None] * len(jobs)
         averaged = self.capture.batch_averaged
-        scales = [1 / x.shape[0] if averaged else 1.0 for x, _ in job.pairs]
-        grad = job.grad
-        probe = self._probes.get(grad.shape[1])
-        if probe is None or probe.device != grad.device or probe.dtype != grad.dtype:
-            g = torch.Generator().manual_seed(grad.shape[1])
-            probe = torch.randn(grad.shape[1], generator=g, dtype=torch.float64)
-            probe = self._probes[grad.shape[1]] = probe.to(grad.device, grad.dtype)
-        direct = grad @ probe
-        captured = sum(
-            (
-                s * (g.reshape(-1, g.shape[-1]).mT @ (x[..., : grad.shape[1]] @ probe).reshape(-1))
-                for s, (x, g) in zip(scales, job.pairs, strict=True)
-            ),
-            torch.zeros_like(direct),
-        )
-        if not bool((direct - captured).norm() <= 1e-5 * direct.norm()):
-            return None
-        self.gradients_from_captures += 1
-        return scales
+        out: list[list[float] | None] = []
+        candidates: list[tuple[int, list[float]]] = []
+        checks: list[Tensor] = []
+        for job in jobs:
+            out.append(None)
+            if job.group["weight_decay"] and cfg.weight_decay_style == "l2":
+                continue
+            scales = [1 / x.shape[0] if averaged else 1.0 for x, _ in job.pairs]
+            grad = job.grad
+            probe = self._probes.get(grad.shape[1])
+            if probe is None or probe.device != grad.device or probe.dtype != grad.dtype:
+                g = torch.Generator().manual_seed(grad.shape[1])
+                probe = torch.randn(grad.shape[1], generator=g, dtype=torch.float64)
+                probe = self._probes[grad.shape[1]] = probe.to(grad.device, grad.dtype)
+            direct = grad @ probe
+            captured = sum(
+                (
+                    s
+                    * (
+                        g.reshape(-1, g.shape[-1]).mT
+                        @ (x[..., : grad.shape[1]] @ probe).reshape(-1)
+                    )
+                    for s, (x, g) in zip(scales, job.pairs, strict=True)
+                ),
+                torch.zeros_like(direct),
+            )
+            candidates.append((len(out) - 1, scales))
+            checks.append((direct - captured).norm() <= 1e-5 * direct.norm())
+        if checks:
+            for (k, scales), ok in zip(candidates, torch.stack(checks).tolist(), strict=True):
+                if ok:
+                    out[k] = scales
+                    self.gradients_from_captures += 1
+        return out
 
     # phase 5, 6: rule and update
 
