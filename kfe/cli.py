@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -70,10 +71,19 @@ def cmd_train(args: argparse.Namespace) -> int:
             profile_experiment(exp, out / "profile", steps=args.profile_steps)
             exp = build_experiment(config)  # the profiled steps do not count
         last = train(config, out, resume=args.resume, experiment=exp)
-    finally:
-        shutdown()  # under torchrun: leave the process group before exiting
+    except BaseException:
+        shutdown()  # under torchrun: leave the process group, then report the error
+        raise
     if exp.is_main:
         print(json.dumps({"run_dir": str(out), **last}))
+    if exp.world_size > 1:
+        # Every file is written and every collective has completed on this rank. Skip
+        # the interpreter's teardown: gloo's threads can abort it ("terminate called
+        # without an active exception", seen in CI even after destroy_process_group),
+        # which torchrun would report as a failed run.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 
