@@ -34,14 +34,16 @@ def pad_square(matrix: Tensor, multiple: int = PAD_MULTIPLE) -> Tensor:
 def chain(left: Tensor, matrix: Tensor, right: Tensor) -> Tensor:
     """``left @ matrix @ right``, where ``left``/``right`` may be zero-padded squares.
 
-    ``matrix`` is zero-padded to fit and the result cut back to ``matrix``'s shape, which
-    is exact because the padding rows and columns of ``left``/``right`` are zero.
+    With padding, only the first ``rows`` columns of ``left`` and ``cols`` rows of
+    ``right`` meet ``matrix``, which is exact because the padding is zero; the result is
+    cut back to ``matrix``'s shape. ``matrix @ right`` is formed first, so that ``matrix``
+    (whose odd row length slows BLAS down as the right operand) is the left operand of
+    both products, and nothing is copied.
     """
     rows, cols = matrix.shape[-2:]
-    extra_rows, extra_cols = left.shape[-1] - rows, right.shape[-2] - cols
-    if not (extra_rows or extra_cols):
+    if left.shape[-1] == rows and right.shape[-2] == cols:
         return left @ matrix @ right
-    out = left @ F.pad(matrix, (0, extra_cols, 0, extra_rows)) @ right
+    out = left[..., :, :rows] @ (matrix @ right[..., :cols, :])
     return out[..., :rows, :cols]
 
 

@@ -39,7 +39,8 @@ class EKFACConfig(RuleConfig):
     """EMA decay of Lambda (``ema`` estimator only)."""
     damping_scale: Literal["absolute", "mean"] = "absolute"
     """``absolute``: add ``damping`` to Lambda; ``mean``: add ``damping * mean(Lambda)``
-    of the block (scale-free per layer: every layer damped relative to its own Fisher)."""
+    of the block (scale-free per layer: every layer damped relative to its own Fisher;
+    absolute for a block whose Lambda is all zero)."""
 
 
 class EKFACState(NamedTuple):
@@ -64,7 +65,7 @@ class EKFAC(Rule[EKFACConfig]):
         denominator = self._stand_in(grad, ctx) if scale is None else scale
         damping: float | Tensor = ctx.damping
         if self.config.damping_scale == "mean":
-            damping = denominator.mean() * damping
+            damping = ctx.relative_damping(denominator.mean())
         return grad / (denominator + damping), EKFACState(scale)
 
     def _stand_in(self, grad: Tensor, ctx: RuleContext) -> Tensor:

@@ -37,7 +37,8 @@ class KFACConfig(RuleConfig):
     damping_scale: Literal["absolute", "mean"] = "absolute"
     """``absolute``: ``damping`` as given; ``mean``: ``damping * mean(b) mean(a)`` of the
     block (scale-free per layer); split, that is ``sqrt(damping)`` times each factor's
-    mean eigenvalue (pi-corrected; ``pi_correction`` then has no effect)."""
+    mean eigenvalue (pi-corrected; ``pi_correction`` then has no effect). A factor or
+    product whose mean is zero (a dead block) is damped absolutely."""
 
 
 class KFACState(NamedTuple):
@@ -62,8 +63,8 @@ class KFAC(Rule[KFACConfig]):
         b, a = ctx.eigenvalues
         root = math.sqrt(ctx.damping)
         mean_a, mean_b = a.mean().item(), b.mean().item()
-        if self.config.damping_scale == "mean":
-            return root * mean_b, root * mean_a
+        if self.config.damping_scale == "mean":  # a dead factor: absolute (as relative_damping)
+            return root * (mean_b if mean_b > 0 else 1.0), root * (mean_a if mean_a > 0 else 1.0)
         pi = 1.0
         if self.config.pi_correction and mean_a > 0 and mean_b > 0:
             pi = math.sqrt(mean_a / mean_b)
@@ -75,7 +76,7 @@ class KFAC(Rule[KFACConfig]):
         if self.config.damping_mode == "product":
             damping: float | Tensor = ctx.damping
             if self.config.damping_scale == "mean":
-                damping = b.mean() * a.mean() * damping
+                damping = ctx.relative_damping(b.mean() * a.mean())
             return grad / (torch.outer(b, a) + damping), state
         d_b, d_a = self.split_damping(ctx)
         return grad / torch.outer(b + d_b, a + d_a), state

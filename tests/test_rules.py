@@ -370,3 +370,56 @@ def test_bad_rule_and_basis_settings_fail_naming_the_field(registry, settings, l
     assert message in str(err.value)
     if loc:
         assert err.value.errors()[0]["loc"] == loc
+
+
+class HalfDead(nn.Module):
+    """Two layers; the output of ``dead`` is multiplied by zero, so its captured
+    gradients, its Lambda, its factor ``B`` and its gradient are all exactly zero."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.live = nn.Linear(6, 3)
+        self.dead = nn.Linear(6, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.live(x) + 0 * self.dead(x)
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        {"name": "ekfac", "estimator": "ema", "damping_scale": "mean"},
+        {"name": "ekfac", "estimator": "batch", "damping_scale": "mean"},
+        {"name": "kfac", "damping_mode": "product", "damping_scale": "mean"},
+        {"name": "kfac", "damping_mode": "split", "damping_scale": "mean"},
+    ],
+    ids=lambda r: f"{r['name']}-{r.get('estimator', r.get('damping_mode'))}",
+)
+@pytest.mark.parametrize("kl_clip", [None, 1e-2])
+def test_relative_damping_of_a_dead_block_is_finite(registry, rule, kl_clip) -> None:
+    """A block with all-zero curvature has no scale to be relative to: ``0 / 0`` must not
+    reach the parameters (nor, through KL clipping's common factor, the other blocks)."""
+    model = HalfDead()
+    dead_before = [p.detach().clone() for p in model.dead.parameters()]
+    live_before = [p.detach().clone() for p in model.live.parameters()]
+    opt = KFEOptimizer(
+        model,
+        registry=registry,
+        rule=rule,
+        lr=0.1,
+        damping=1e-2,
+        kl_clip=kl_clip,
+        factor_every=1,
+        basis_every=2,
+    )
+    g = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        x, y = torch.randn(8, 6, generator=g), torch.randn(8, 3, generator=g)
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    for p, before in zip(model.dead.parameters(), dead_before, strict=True):
+        assert torch.equal(p, before)
+    for p, before in zip(model.live.parameters(), live_before, strict=True):
+        assert p.isfinite().all() and not torch.equal(p, before)
