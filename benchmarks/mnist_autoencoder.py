@@ -100,11 +100,12 @@ EKFAC = ("ekfac-ema", "ekfac-batch")
 # from short runs (60-240 steps, mostly on the first 10000 images): every setting
 # reaches the mean-image plateau (loss ~206) within ~40 steps; Adam 3e-3 and SOAP 3e-2
 # leave it by step ~80 (Adam 1e-3/1e-2, SOAP <= 1e-2, SGD 1e-3..1e-2 and every stable
-# K-FAC/EKFAC setting tried do not within 120-240 steps); K-FAC/EKFAC blow up at small
-# damping (0.1:0.1, 0.3:1, 0.01:0.01, 0.003:0.001; ekfac-batch at 0.03:0.1). A point costs
-# 90-230 s on the 2-core machine (13 full-set evaluations, ~2.8 s each, included), so
-# the default 9 points take about 25 minutes. ``kfac-ident``'s lr and damping are on kfe's
-# per-example scale (KAISA's lr 0.1 and damping 1e-3 at batch 1000, see its docstring).
+# K-FAC/EKFAC setting tried do not within 120-240 steps; ``kfac-ident``, KAISA's identity
+# start, leaves it by step ~160); K-FAC/EKFAC blow up at small damping (0.1:0.1, 0.3:1,
+# 0.01:0.01, 0.003:0.001; ekfac-batch at 0.03:0.1). A point costs 100-300 s on the 2-core
+# machine (13 full-set evaluations, ~3 s each, included): the default 10 points took 35
+# minutes (2096 s). ``kfac-ident``'s lr and damping are on kfe's per-example scale
+# (KAISA's lr 0.1 and damping 1e-3 at batch 1000, see the module docstring).
 DEFAULT_GRID: dict[str, tuple[str, ...]] = {
     "sgd": ("1e-2",),
     "adam": ("1e-3", "3e-3"),
