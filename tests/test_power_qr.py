@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 from kfe import KFEOptimizer, inspect_layer
-from kfe.eigh import power_qr
+from kfe.eigh import power_qr, symmetrize
 
 DT = torch.float64
 
@@ -114,3 +115,11 @@ def test_optimizer_uses_eigh_first_then_power_qr(registry, monkeypatch) -> None:
     assert final["power_qr"] < 1.1 * final["eigh"], final
     eye = torch.eye(5, dtype=DT)
     torch.testing.assert_close(basis.U_A.T @ basis.U_A, eye)
+
+
+@pytest.mark.parametrize("side", [1, 7, 64, 301])
+def test_symmetrize_is_the_plain_average_bitwise(side: int) -> None:
+    m = torch.randn(side, side, generator=torch.Generator().manual_seed(side))
+    out = symmetrize(m)
+    assert torch.equal(out, (m + m.mT) / 2)
+    assert torch.equal(out, out.mT)
