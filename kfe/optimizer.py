@@ -493,10 +493,10 @@ class KFEOptimizer(torch.optim.Optimizer):
             )
             return
         start = self.config.factor_init
-        if K.FACTOR_A not in st and start is None:
-            st[K.FACTOR_A], st[K.FACTOR_B] = A.contiguous(), B.contiguous()
-            return
-        if K.FACTOR_A not in st and start is not None:
+        if K.FACTOR_A not in st:
+            if start is None:
+                st[K.FACTOR_A], st[K.FACTOR_B] = A.contiguous(), B.contiguous()
+                return
             st[K.FACTOR_A] = start[0] * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
             st[K.FACTOR_B] = start[1] * torch.eye(B.shape[0], dtype=B.dtype, device=B.device)
         weight = 1 - self.config.factor_decay

@@ -96,13 +96,15 @@ class RuleContext:
         """Tikhonov damping of the current parameter group."""
         return float(self.group["damping"])
 
-    def relative_damping(self, scale: Tensor) -> Tensor:
+    def relative_damping(self, scale: Tensor, damping: float | None = None) -> Tensor:
         """``damping * scale`` for damping relative to a block's curvature scale (a mean
         eigenvalue, a mean of Lambda), or the absolute ``damping`` where ``scale`` is
         zero: a dead block (all-zero curvature, zero gradient) has no scale to be
         relative to, and its ``0 / 0`` would reach the parameters (and, through KL
-        clipping's common factor, every other block). Stays on the device."""
-        return torch.where(scale > 0, scale * self.damping, self.damping)
+        clipping's common factor, every other block). ``damping`` defaults to the
+        group's. Stays on the device."""
+        damping = self.damping if damping is None else damping
+        return torch.where(scale > 0, scale * damping, damping)
 
     def eigenvalue_product(self) -> Tensor:
         """K-FAC's diagonal in the KFE, ``Lambda[j, k] = b_j * a_k``."""

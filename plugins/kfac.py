@@ -57,17 +57,18 @@ class KFAC(Rule[KFACConfig]):
     needs = frozenset({Statistic.EIGENVALUES})
     policies = (BasisPolicy.RESET,)  # no KFE-coordinate state; the cache is rebuilt
 
-    def split_damping(self, ctx: RuleContext) -> tuple[float, float]:
+    def split_damping(self, ctx: RuleContext) -> tuple[float | Tensor, float | Tensor]:
         """``(lambda_B, lambda_A)`` for the ``split`` mode."""
         assert ctx.eigenvalues is not None
         b, a = ctx.eigenvalues
         root = math.sqrt(ctx.damping)
-        mean_a, mean_b = a.mean().item(), b.mean().item()
-        if self.config.damping_scale == "mean":  # a dead factor: absolute (as relative_damping)
-            return root * (mean_b if mean_b > 0 else 1.0), root * (mean_a if mean_a > 0 else 1.0)
+        if self.config.damping_scale == "mean":
+            return ctx.relative_damping(b.mean(), root), ctx.relative_damping(a.mean(), root)
         pi = 1.0
-        if self.config.pi_correction and mean_a > 0 and mean_b > 0:
-            pi = math.sqrt(mean_a / mean_b)
+        if self.config.pi_correction:
+            mean_a, mean_b = a.mean().item(), b.mean().item()
+            if mean_a > 0 and mean_b > 0:
+                pi = math.sqrt(mean_a / mean_b)
         return root / pi, root * pi
 
     def update(self, grad: Tensor, state: Any, ctx: RuleContext) -> tuple[Tensor, Any]:
