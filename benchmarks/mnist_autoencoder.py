@@ -20,6 +20,9 @@ damping, for K-FAC/EKFAC; ``--grid NAME=V1,V2``):
   docs/benchmarks.md); the setting that takes kfe's K-FAC off the mean-image plateau;
 - ``ekfac-ema``: rule ``ekfac`` with the running-average Lambda, ``lambda_every=10``;
 - ``ekfac-batch``: rule ``{"name": "ekfac", "estimator": "batch"}``, ``lambda_every=1``;
+- ``ekfac-ident``: ``ekfac-ema`` with ``kfac-ident``'s start, decay, trust region and
+  momentum; ``ekfac`` keeps the identity start's share of K-FAC's model next to Lambda
+  (docs/rules.md), so the start acts as it does for ``kfac-ident``;
 - ``soap``: ``pytorch_optimizer.SOAP`` with its defaults except ``lr``
   (``precondition_frequency=10``): an outside reference, skipped with a note when
   ``pytorch-optimizer`` is not installed (``pip install --no-deps pytorch-optimizer``);
@@ -93,9 +96,10 @@ from kfe.experiment.train import batches, evaluate, train_step
 sys.path.insert(0, str(Path(__file__).parent))
 from step_time import cpu_busy, git_revision, load_soap
 
-OPTIMIZERS = ("sgd", "adam", "kfac", "kfac-ident", "ekfac-ema", "ekfac-batch", "soap", "kfe-soap")
-KFE_OPTIMIZERS = ("kfac", "kfac-ident", "ekfac-ema", "ekfac-batch")
-EKFAC = ("ekfac-ema", "ekfac-batch")
+KFE_OPTIMIZERS = ("kfac", "kfac-ident", "ekfac-ema", "ekfac-batch", "ekfac-ident")
+OPTIMIZERS = ("sgd", "adam", *KFE_OPTIMIZERS, "soap", "kfe-soap")
+EKFAC = ("ekfac-ema", "ekfac-batch", "ekfac-ident")
+IDENTITY_START = ("kfac-ident", "ekfac-ident")
 # Default grids. A value is ``LR`` or, for the KFE optimizers, ``LR:DAMPING``. Chosen
 # from short runs (60-240 steps, mostly on the first 10000 images): every setting
 # reaches the mean-image plateau (loss ~206) within ~40 steps; Adam 3e-3 and SOAP 3e-2
@@ -113,6 +117,7 @@ DEFAULT_GRID: dict[str, tuple[str, ...]] = {
     "kfac-ident": ("1e5:1000",),
     "ekfac-ema": ("0.1:1", "0.03:0.1"),
     "ekfac-batch": ("0.1:10",),
+    "ekfac-ident": ("1e5:1000",),
     "soap": ("3e-2",),
     "kfe-soap": ("3e-2",),
 }
@@ -209,7 +214,7 @@ def optimizer_section(point: GridPoint, args: argparse.Namespace) -> dict[str, A
         return _with_overrides(section, args)
     rule: dict[str, Any] = {"name": "kfac"}
     lambda_every = args.lambda_every
-    if name == "ekfac-ema":
+    if name in ("ekfac-ema", "ekfac-ident"):
         rule = {"name": "ekfac", "estimator": "ema"}
     elif name == "ekfac-batch":
         rule = {"name": "ekfac", "estimator": "batch"}
@@ -224,7 +229,7 @@ def optimizer_section(point: GridPoint, args: argparse.Namespace) -> dict[str, A
         "basis_every": args.basis_every,
         "lambda_every": lambda_every,
     }
-    if name == "kfac-ident":  # KAISA's start and trust region on kfe's scale
+    if name in IDENTITY_START:  # KAISA's start and trust region on kfe's scale
         section.update(
             factor_init=[1.0, float(args.batch) ** 2],
             factor_decay=0.95**args.factor_every,

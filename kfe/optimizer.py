@@ -499,9 +499,13 @@ class KFEOptimizer(torch.optim.Optimizer):
                 return
             st[K.FACTOR_A] = start[0] * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
             st[K.FACTOR_B] = start[1] * torch.eye(B.shape[0], dtype=B.dtype, device=B.device)
-        weight = 1 - self.config.factor_decay
-        st[K.FACTOR_A].lerp_(A, weight)
-        st[K.FACTOR_B].lerp_(B, weight)
+            st[K.FACTOR_PRIOR] = (float(start[0]), float(start[1]))
+        decay = self.config.factor_decay
+        st[K.FACTOR_A].lerp_(A, 1 - decay)
+        st[K.FACTOR_B].lerp_(B, 1 - decay)
+        if K.FACTOR_PRIOR in st:
+            s_A, s_B = st[K.FACTOR_PRIOR]
+            st[K.FACTOR_PRIOR] = (s_A * decay, s_B * decay)
 
     def _average(
         self,
@@ -610,6 +614,8 @@ class KFEOptimizer(torch.optim.Optimizer):
         (b, U_B), (a, U_A) = found_b, found_a
         new = Eigenbasis(U_B=U_B, b=b, U_A=U_A, a=a)
         st[K.BASIS] = dict(new._asdict())
+        if K.FACTOR_PRIOR in st:
+            st[K.BASIS_PRIOR] = st[K.FACTOR_PRIOR]
         st[K.REFRESHES] += 1
         job.old_fast = self._padded.pop(block, None)
         return new
@@ -736,7 +742,7 @@ class KFEOptimizer(torch.optim.Optimizer):
             grad = grad.add(block.matrix(*block.params), alpha=group["weight_decay"])
         fast = self._fast(job)
         rule_state = self.rule.state_from_dict(st[K.RULE])
-        ctx = self._context(group, job.current, job.squares)
+        ctx = self._context(group, job.current, job.squares, st.get(K.BASIS_PRIOR))
         if job.refreshed is not None:
             rule_state = self._change_basis(rule_state, job, grad, ctx)
         with record_function("kfe/rule"):
@@ -850,13 +856,20 @@ class KFEOptimizer(torch.optim.Optimizer):
 
     def rule_context(self, block: LayerBlock) -> RuleContext:
         """The context the rule would see for ``block`` now (no fresh statistics)."""
-        basis = Eigenbasis(**self.state[block.weight][K.BASIS])
+        st = self.state[block.weight]
         group = next(g for g in self.param_groups if any(p is block.weight for p in g["params"]))
-        return self._context(group, basis, None)
+        return self._context(group, Eigenbasis(**st[K.BASIS]), None, st.get(K.BASIS_PRIOR))
 
     def _context(
-        self, group: Mapping[str, Any], basis: Eigenbasis, squares: Tensor | None
+        self,
+        group: Mapping[str, Any],
+        basis: Eigenbasis,
+        squares: Tensor | None,
+        prior: tuple[float, float] | None,
     ) -> RuleContext:
-        """What the rule sees: eigenvalues only where the source has Fisher ones."""
-        eigenvalues = (basis.b, basis.a) if self.source.fisher_eigenvalues else None
-        return RuleContext(group, eigenvalues, squares, (basis.U_B, basis.U_A))
+        """What the rule sees: eigenvalues (and ``factor_init``'s part of them, as
+        ``(s_B, s_A)`` like ``(b, a)``) only where the source has Fisher ones."""
+        if not self.source.fisher_eigenvalues:
+            return RuleContext(group, None, squares, (basis.U_B, basis.U_A))
+        prior_ba = None if prior is None else (prior[1], prior[0])
+        return RuleContext(group, (basis.b, basis.a), squares, (basis.U_B, basis.U_A), prior_ba)

@@ -84,12 +84,17 @@ class RuleContext:
             step's batch, or ``None`` on steps that do not update it.
         basis: the current ``(U_B, U_A)``, or ``None`` for the fallback; for rules that
             precompute parameter-space operators at a refresh.
+        prior: ``(s_B, s_A)``, the scaled identities that ``factor_init`` still
+            contributed to the two factors when this basis was computed (so ``b - s_B``
+            and ``a - s_A`` are the data's eigenvalues), or ``None`` (no ``factor_init``,
+            no eigenvalues, or the identity basis before the first refresh).
     """
 
     group: Mapping[str, Any]
     eigenvalues: tuple[Tensor, Tensor] | None = None
     squared_projections: Tensor | None = None
     basis: tuple[Tensor, Tensor] | None = None
+    prior: tuple[float, float] | None = None
 
     @property
     def damping(self) -> float:
@@ -112,6 +117,29 @@ class RuleContext:
             raise RuntimeError("this rule did not declare Statistic.EIGENVALUES")
         b, a = self.eigenvalues
         return torch.outer(b, a)
+
+    def prior_diagonal(self) -> Tensor | None:
+        """The prior's part of K-FAC's diagonal, or ``None`` without a :attr:`prior`.
+
+        With ``factor_init`` the factors are ``A = A_d + s_A I`` and ``B = B_d + s_B I``
+        (``A_d``, ``B_d`` the data's EMAs), so the Kronecker model splits as
+
+        .. math::
+
+            A \\otimes B = A_d \\otimes B_d
+                + \\big(s_A I \\otimes B_d + s_B A_d \\otimes I + s_A s_B I\\big),
+
+        and the bracket is diagonal in the KFE:
+        ``s_A b_d[j] + s_B a_d[k] + s_A s_B`` with ``b_d = b - s_B``, ``a_d = a - s_A``
+        (clamped at zero against round-off). EKFAC re-estimates the data term's
+        diagonal (Lambda) and keeps this one as it is.
+        """
+        if self.prior is None or self.eigenvalues is None:
+            return None
+        (b, a), (s_B, s_A) = self.eigenvalues, self.prior
+        data_b = (b - s_B).clamp(min=0)
+        data_a = (a - s_A).clamp(min=0)
+        return (data_b * s_A).unsqueeze(1) + (data_a * s_B + s_A * s_B).unsqueeze(0)
 
 
 ConfigT = TypeVar("ConfigT", bound=RuleConfig)

@@ -412,6 +412,83 @@ def test_ekfac_update_is_dense(case_name: str, scale: str) -> None:
     assert_close(D.reshape(-1), expected, rel=1e-9)
 
 
+@case_names
+def test_ekfac_with_factor_init_keeps_the_prior(case_name: str) -> None:
+    """With ``factor_init=(s_A, s_B)`` the factors are ``A = A_d + c_A I``, ``B = B_d +
+    c_B I`` (``c = s * decay`` after one fold, ``A_d = (1 - decay) A_batch``), and the
+    update divides by ``Lambda`` plus the diagonal in the KFE of the prior's part of
+    K-FAC's model, ``B (x) A - B_d (x) A_d``, formed densely here."""
+    case = CASES[case_name]()
+    ref = dense_of(case_name)
+    s_A, s_B, decay, damping = 0.3, 2.0, 0.75, 2e-2
+    opt = kfe.KFEOptimizer(
+        case.model,
+        registry=REGISTRY,
+        rule={"name": "ekfac", "estimator": "batch"},
+        lr=1.0,
+        damping=damping,
+        factor_init=(s_A, s_B),
+        factor_decay=decay,
+        **ONE_STEP,
+    )
+    before = brute.layer_matrix(case.layer)
+    case.loss().backward()
+    opt.step()
+    D = before - brute.layer_matrix(case.layer)
+    c_A, c_B = s_A * decay, s_B * decay
+    A_d, B_d = (1 - decay) * ref.A, (1 - decay) * ref.B
+    A = A_d + c_A * torch.eye(A_d.shape[0], dtype=DT)
+    B = B_d + c_B * torch.eye(B_d.shape[0], dtype=DT)
+    layer = kfe.inspect_layer(opt, case.name)
+    assert layer.A is not None and layer.B is not None
+    assert_close(layer.A, A)
+    assert_close(layer.B, B)
+    basis = layer.basis
+    U = torch.kron(basis.U_B, basis.U_A)
+    assert opt.rule_context(opt.block(case.name)).prior == (c_B, c_A)
+    lam = torch.diagonal(U.mT @ ref.F @ U)
+    prior = torch.diagonal(U.mT @ (torch.kron(B, A) - torch.kron(B_d, A_d)) @ U)
+    expected = U @ ((U.mT @ ref.grad) / (lam + prior + damping))
+    assert_close(D.reshape(-1), expected, rel=1e-9)
+    assert layer.diagonal is not None  # the inspected diagonal is the one divided by
+    assert_close(layer.diagonal.reshape(-1), lam + prior, rel=1e-9)
+
+
+def test_factor_prior_decays_per_fold_and_is_read_at_the_refresh() -> None:
+    """The prior's weight is ``s * decay^k`` after ``k`` folds; the rule sees the
+    weight of its basis's refresh, not today's; without ``factor_init`` there is none."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(DT)
+    opt = kfe.KFEOptimizer(
+        model,
+        rule="ekfac",
+        lr=0.0,
+        factor_init=(2.0, 5.0),
+        factor_decay=0.5,
+        factor_every=1,
+        basis_every=2,
+    )
+    block = opt.block("2")
+    seen = []
+    g = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        opt.zero_grad()
+        model(torch.randn(8, 3, generator=g, dtype=DT)).square().mean().backward()
+        opt.step()
+        seen.append((opt.state[block.weight]["factor_prior"], opt.rule_context(block).prior))
+    assert seen == [
+        ((1.0, 2.5), (2.5, 1.0)),  # fold 1, refresh at step 0
+        ((0.5, 1.25), (2.5, 1.0)),  # fold 2, the basis of step 0
+        ((0.25, 0.625), (0.625, 0.25)),  # fold 3, refresh at step 2
+        ((0.125, 0.3125), (0.625, 0.25)),
+    ]
+    plain = kfe.KFEOptimizer(nn.Linear(3, 2).to(DT), rule="ekfac", factor_every=1, basis_every=1)
+    plain.zero_grad()
+    plain.blocks[0].module(torch.randn(4, 3, dtype=DT)).sum().backward()
+    plain.step()
+    assert plain.rule_context(plain.blocks[0]).prior is None
+
+
 # -- 5. EKFAC is the best diagonal in the KFE ------------------------------------------
 
 

@@ -52,25 +52,27 @@ SETTINGS = dict(
 
 
 @pytest.mark.parametrize(
-    "rule",
+    ("rule", "extra"),
     [
-        "ekfac",
-        {"name": "ekfac", "estimator": "batch"},
-        "kfac",
-        {"name": "kfac", "damping_mode": "split"},
-        "sgd",
+        ("ekfac", {}),
+        ({"name": "ekfac", "estimator": "batch"}, {}),
+        ("ekfac", {"factor_init": (0.5, 2.0)}),  # the prior's weight travels too
+        ("kfac", {}),
+        ({"name": "kfac", "damping_mode": "split"}, {}),
+        ("sgd", {}),
     ],
 )
-def test_resume_is_bit_exact_across_refresh(registry, rule) -> None:
+def test_resume_is_bit_exact_across_refresh(registry, rule, extra) -> None:
+    settings = {**SETTINGS, **extra}
     torch.manual_seed(0)
     reference = make_model()
     start = {k: v.clone() for k, v in reference.state_dict().items()}
-    ref_opt = KFEOptimizer(reference, rule=rule, registry=registry, **SETTINGS)
+    ref_opt = KFEOptimizer(reference, rule=rule, registry=registry, **settings)
     train(reference, ref_opt, 10)
 
     first = make_model()
     first.load_state_dict(start)
-    opt = KFEOptimizer(first, rule=rule, registry=registry, **SETTINGS)
+    opt = KFEOptimizer(first, rule=rule, registry=registry, **settings)
     train(first, opt, 5)
     buffer = io.BytesIO()
     torch.save({"model": first.state_dict(), "opt": opt.state_dict()}, buffer)
@@ -79,7 +81,7 @@ def test_resume_is_bit_exact_across_refresh(registry, rule) -> None:
 
     second = make_model()
     second.load_state_dict(saved["model"])
-    opt2 = KFEOptimizer(second, rule=rule, registry=registry, **SETTINGS)
+    opt2 = KFEOptimizer(second, rule=rule, registry=registry, **settings)
     opt2.load_state_dict(saved["opt"])
     assert opt2.steps_taken == 5
     train(second, opt2, 5)  # steps 5..9 include the refresh at step 6 and 9
