@@ -12,6 +12,7 @@ coordinates exactly by ``U_B'^T U_B \\tilde M U_A^T U_A'`` (:meth:`Eigenbasis.ro
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -93,6 +94,25 @@ class Eigenbasis(NamedTuple):
     def rotation_to(self, new: Eigenbasis) -> tuple[Tensor, Tensor]:
         """``(R_B, R_A)`` with ``R = U^T U'``, so new coordinates are ``R_B^T M R_A``."""
         return self.U_B.mT @ new.U_B, self.U_A.mT @ new.U_A
+
+    def rotator_to(self, new: Eigenbasis, count: int = 1) -> Callable[[Tensor], Tensor]:
+        """The map from this basis's KFE coordinates to ``new``'s, for ``count`` tensors,
+        by the cheaper of two exact routes (in multiply-adds, sides ``p_B``, ``p_A``):
+
+        - through ``R = U^T U'`` (:meth:`rotation_to`), ``R_B^T M R_A``:
+          ``p_B^3 + p_A^3`` once, then ``p_B p_A (p_B + p_A)`` per tensor;
+        - through parameter space, ``new.project(self.unproject(M))``: twice
+          ``p_B p_A (p_B + p_A)`` per tensor.
+
+        The first wins for one or two square-ish blocks, the second for rectangular ones
+        (a ``500 x 1001`` block: 1.88 against 1.50 G multiply-adds for one tensor).
+        """
+        p_B, p_A = self.U_B.shape[-1], self.U_A.shape[-1]
+        rotation = p_B * p_A * (p_B + p_A)
+        if p_B**3 + p_A**3 + count * rotation <= 2 * count * rotation:
+            R_B, R_A = self.rotation_to(new)
+            return lambda m: chain(R_B.mT, m, R_A)
+        return lambda m: new.project(self.unproject(m))
 
 
 def _match(old: Tensor, new: Tensor) -> Tensor:

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from torch.autograd.profiler import record_function
 
 from kfe import state_keys as K
-from kfe.basis import Eigenbasis, _match, chain
+from kfe.basis import Eigenbasis, _match
 from kfe.block import LayerBlock
 from kfe.capture import CurvatureCapture, LossKind
 from kfe.config import KFEConfigBase, config_model
@@ -765,21 +765,24 @@ class KFEOptimizer(torch.optim.Optimizer):
         """Apply the rule's basis-change policy, then its ``on_refresh`` hook.
 
         ``rotate`` maps each rotatable moment ``M`` to ``R_B^T M R_A`` with
-        ``R = U^T U'``, on the zero-padded bases (exact, see :func:`kfe.basis.chain`).
+        ``R = U^T U'``, or through parameter space where that is cheaper
+        (:meth:`Eigenbasis.rotator_to`), on the zero-padded bases (exact, see
+        :func:`kfe.basis.chain`).
         """
         policy = self.rule.policy.value
         if policy == "reset":
             rule_state = self.rule.reset(rule_state, like, ctx)
         elif policy == "rotate" and self.rule.rotatable:
             old = job.old_fast or job.basis.padded()
-            R_B, R_A = old.rotation_to(cast(Eigenbasis, self._fast(job)))
-            rule_state = rule_state._replace(
-                **{
-                    f: chain(R_B.mT, getattr(rule_state, f), R_A)
-                    for f in self.rule.rotatable
-                    if getattr(rule_state, f) is not None
-                }
-            )
+            fields = [f for f in self.rule.rotatable if getattr(rule_state, f) is not None]
+            with record_function("kfe/rotate"):
+                rotate = old.rotator_to(cast(Eigenbasis, self._fast(job)), len(fields))
+                # contiguous, as a resumed run holds them (loaded tensors are dense): a
+                # strided view would reach BLAS with another leading dimension, and the
+                # result could differ in the last bit from the uninterrupted run's
+                rule_state = rule_state._replace(
+                    **{f: rotate(getattr(rule_state, f)).contiguous() for f in fields}
+                )
         return self.rule.on_refresh(rule_state, ctx)
 
     def _fallback_step(self, p: Tensor, group: dict[str, Any]) -> _Update:

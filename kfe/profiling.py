@@ -2,7 +2,8 @@
 
 The optimizer runs each phase of a step inside a ``torch.profiler.record_function``
 range (``kfe/capture``, ``kfe/factors``, ``kfe/eigh``, ``kfe/lambda``, ``kfe/project``,
-``kfe/rule``, ``kfe/unproject``, ``kfe/fallback``; ``kfe/comm`` in distributed runs).
+``kfe/rule``, ``kfe/unproject``, ``kfe/rotate``, ``kfe/fallback``; ``kfe/comm`` in
+distributed runs).
 :func:`profile_steps` runs a user step function under ``torch.profiler.profile`` with a
 schedule, writes a trace that TensorBoard's PyTorch profiler plugin opens
 (``pip install 'kfe[profile]'``, then ``tensorboard --logdir OUT_DIR``), and returns a
@@ -90,6 +91,7 @@ PHASES = (
     "kfe/project",
     "kfe/rule",
     "kfe/unproject",
+    "kfe/rotate",
     "kfe/fallback",
     "kfe/comm",
 )

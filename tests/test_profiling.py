@@ -19,7 +19,8 @@ from kfe import KFEOptimizer
 from kfe.profiling import CLOSURE_TOLERANCE, PHASES, PhaseTable, profile_steps
 
 ROOT = Path(__file__).resolve().parents[1]
-STEP_PHASES = [p for p in PHASES if p != "kfe/comm"]  # kfe/comm: distributed runs only
+# kfe/comm: distributed runs only; kfe/rotate: rules with the rotate policy (not ekfac)
+STEP_PHASES = [p for p in PHASES if p not in ("kfe/comm", "kfe/rotate")]
 
 
 @pytest.fixture(autouse=True)
@@ -31,11 +32,11 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-def _profile(registry, out: Path, fisher: str = "empirical") -> PhaseTable:
+def _profile(registry, out: Path, fisher: str = "empirical", rule: str = "ekfac") -> PhaseTable:
     model = nn.Sequential(nn.Linear(6, 12), nn.LayerNorm(12), nn.Tanh(), nn.Linear(12, 4))
     opt = KFEOptimizer(
         model,
-        rule="ekfac",
+        rule=rule,
         factor_every=1,
         basis_every=1,
         lambda_every=1,
@@ -107,6 +108,14 @@ def test_nested_capture_is_counted_once(registry, tmp_path: Path) -> None:
     capture = table.row("kfe/capture")
     assert capture.calls == 3  # two forward hooks + one sample_fisher per step
     assert capture.total_ms == pytest.approx(capture.self_ms)
+    assert table.closure_error <= CLOSURE_TOLERANCE
+
+
+def test_rotate_policy_has_its_range(registry, tmp_path: Path) -> None:
+    """``adam`` (``rotate``) carries its first moment at each refresh inside ``kfe/rotate``,
+    once per tracked layer at each refresh (here every step); the accounting closes."""
+    table = _profile(registry, tmp_path / "trace", rule="adam")
+    assert table.row("kfe/rotate").calls == 2  # per step: one per tracked layer
     assert table.closure_error <= CLOSURE_TOLERANCE
 
 

@@ -140,6 +140,43 @@ def test_rotation_is_exact_between_any_bases() -> None:
     torch.testing.assert_close(new.unproject(R_B.mT @ m @ R_A), old.unproject(m))
 
 
+@pytest.mark.parametrize(
+    ("d_out", "d_in", "count", "through_R"),
+    [(3, 3, 1, True), (4, 3, 1, False), (4, 3, 2, True), (2, 9, 1, False), (9, 2, 8, True)],
+)
+def test_rotator_takes_the_cheaper_exact_route(
+    monkeypatch, d_out: int, d_in: int, count: int, through_R: bool
+) -> None:
+    """Both routes map KFE coordinates exactly (the parameter-space matrix is kept), on
+    zero-padded bases too; ``R = U^T U'`` is formed only where it costs fewer
+    multiply-adds than rotating each tensor through parameter space (counted on the
+    sides BLAS sees: the padded ones for padded bases)."""
+
+    def q(n: int, seed: int) -> Tensor:
+        g = torch.Generator().manual_seed(seed)
+        return torch.linalg.qr(torch.randn(n, n, generator=g, dtype=DT))[0]
+
+    def basis(seed: int) -> Eigenbasis:
+        ones_B, ones_A = torch.ones(d_out, dtype=DT), torch.ones(d_in, dtype=DT)
+        return Eigenbasis(q(d_out, seed), ones_B, q(d_in, seed + 1), ones_A)
+
+    formed = []
+    rotation_to = Eigenbasis.rotation_to
+    monkeypatch.setattr(
+        Eigenbasis, "rotation_to", lambda self, new: formed.append(1) or rotation_to(self, new)
+    )
+    for old, new in ((basis(0), basis(2)), (basis(0).padded(), basis(2).padded())):
+        formed.clear()
+        rotate = old.rotator_to(new, count)
+        if old.U_B.shape == (d_out, d_out):  # unpadded: the route the sizes call for
+            assert bool(formed) is through_R
+        for k in range(count):
+            m = torch.randn(d_out, d_in, generator=torch.Generator().manual_seed(k), dtype=DT)
+            moved = rotate(m)
+            assert moved.shape == m.shape
+            torch.testing.assert_close(new.unproject(moved), old.unproject(m))
+
+
 def test_reset_restarts_adam(registry) -> None:
     model = mlp()
     opt = KFEOptimizer(
