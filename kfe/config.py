@@ -67,7 +67,7 @@ class KFEConfigBase(BaseModel):
     """Start the factor EMAs at ``(s_A I, s_B I)`` and fold the first batch in like any
     other (KAISA's start; for ``s_B >> B`` the early steps precondition by ``A`` only).
     What is left of it, ``s * factor_decay^k`` after ``k`` folds, is a prior in K-FAC's
-    model that ``ekfac`` keeps next to Lambda (:meth:`kfe.RuleContext.prior_diagonal`).
+    model that ``ekfac`` keeps next to Lambda (:meth:`kfe.RuleContext.with_prior`).
     ``None``: the first batch's factors themselves (Martens & Grosse's start)."""
     fisher: Literal["empirical", "true"] = "empirical"
     """``empirical``: training labels, no extra call; ``true``: labels sampled from the

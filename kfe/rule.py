@@ -118,8 +118,9 @@ class RuleContext:
         b, a = self.eigenvalues
         return torch.outer(b, a)
 
-    def prior_diagonal(self) -> Tensor | None:
-        """The prior's part of K-FAC's diagonal, or ``None`` without a :attr:`prior`.
+    def with_prior(self, diagonal: Tensor) -> Tensor:
+        """``diagonal`` plus the prior's part of K-FAC's diagonal (in one new tensor), or
+        ``diagonal`` itself without a :attr:`prior`.
 
         With ``factor_init`` the factors are ``A = A_d + s_A I`` and ``B = B_d + s_B I``
         (``A_d``, ``B_d`` the data's EMAs), so the Kronecker model splits as
@@ -132,14 +133,15 @@ class RuleContext:
         and the bracket is diagonal in the KFE:
         ``s_A b_d[j] + s_B a_d[k] + s_A s_B`` with ``b_d = b - s_B``, ``a_d = a - s_A``
         (clamped at zero against round-off). EKFAC re-estimates the data term's
-        diagonal (Lambda) and keeps this one as it is.
+        diagonal (Lambda) and keeps this one: ``ctx.with_prior(Lambda)``.
         """
         if self.prior is None or self.eigenvalues is None:
-            return None
+            return diagonal
         (b, a), (s_B, s_A) = self.eigenvalues, self.prior
         data_b = (b - s_B).clamp(min=0)
         data_a = (a - s_A).clamp(min=0)
-        return (data_b * s_A).unsqueeze(1) + (data_a * s_B + s_A * s_B).unsqueeze(0)
+        prior = (data_b * s_A).unsqueeze(1) + (data_a * s_B + s_A * s_B).unsqueeze(0)
+        return prior.add_(diagonal)
 
 
 ConfigT = TypeVar("ConfigT", bound=RuleConfig)

@@ -9,7 +9,7 @@
 
 ``Lambda`` is the diagonal of the Fisher block in the KFE and the best diagonal there
 in Frobenius norm. With ``factor_init`` (factors ``A_d + s_A I``, ``B_d + s_B I``) the
-prior's diagonal ``s_A b_d + s_B a_d + s_A s_B`` (:meth:`kfe.RuleContext.prior_diagonal`)
+prior's diagonal ``s_A b_d + s_B a_d + s_A s_B`` (:meth:`kfe.RuleContext.with_prior`)
 is added to ``Lambda``: EKFAC replaces K-FAC's ``b_d a_d`` by the exact second moment
 and keeps the rest of K-FAC's model, so the prior acts as it does in K-FAC. Estimators,
 updated every ``lambda_every`` steps:
@@ -66,17 +66,11 @@ class EKFAC(Rule[EKFACConfig]):
                 scale = fresh
             else:
                 scale = scale.lerp(fresh, 1 - self.config.decay)
-        denominator = self._stand_in(grad, ctx) if scale is None else self._with_prior(scale, ctx)
+        denominator = self._stand_in(grad, ctx) if scale is None else ctx.with_prior(scale)
         damping: float | Tensor = ctx.damping
         if self.config.damping_scale == "mean":
             damping = ctx.relative_damping(denominator.mean())
         return grad / (denominator + damping), EKFACState(scale)
-
-    @staticmethod
-    def _with_prior(scale: Tensor, ctx: RuleContext) -> Tensor:
-        """``Lambda`` plus the diagonal of ``factor_init``'s prior, where there is one."""
-        prior = ctx.prior_diagonal()
-        return scale if prior is None else scale + prior
 
     def _stand_in(self, grad: Tensor, ctx: RuleContext) -> Tensor:
         """Until Lambda is estimated: K-FAC's ``b a^T`` if the basis has it, else ``M~^2``."""
@@ -90,7 +84,7 @@ class EKFAC(Rule[EKFACConfig]):
         one, or the stand-in ``b a^T`` after a reset."""
         if state.scale is None:
             return ctx.eigenvalue_product() if ctx.eigenvalues is not None else None
-        return self._with_prior(state.scale, ctx)
+        return ctx.with_prior(state.scale)
 
 
 @hookimpl
