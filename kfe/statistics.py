@@ -29,7 +29,6 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from kfe.basis import PAD_MULTIPLE
@@ -130,8 +129,10 @@ def kfe_moments(
         xp, gp = x, g  # (n, T, d_in), (n, T, d_out), padded if the basis is
         rotated = U_A is not None and U_B is not None
         if U_A is not None and U_B is not None:  # (spelt out for the type checker)
-            xp = _pad_last(x, U_A.shape[0]) @ U_A
-            gp = _pad_last(g, U_B.shape[0]) @ U_B
+            # the zero rows of a padded basis meet no data: multiply by its first rows
+            # instead of padding x, g (a copy); the result keeps the padded width
+            xp = x @ U_A[: x.shape[-1]]
+            gp = g @ U_B[: g.shape[-1]]
         if gradient_scales is not None:
             rows_g, rows_x = gp.reshape(-1, gp.shape[-1]), xp.reshape(-1, xp.shape[-1])
             into = (
@@ -164,9 +165,3 @@ def kfe_moments(
     assert total is not None, "no captures"
     cut = None if gradient is None else gradient[:d_out, :d_in]
     return Moments(total[:d_out, :d_in], cut)
-
-
-def _pad_last(t: Tensor, width: int) -> Tensor:
-    """``t`` zero-padded along its last dim to ``width`` (itself, not a copy, if it fits)."""
-    extra = width - t.shape[-1]
-    return F.pad(t, (0, extra)) if extra else t
