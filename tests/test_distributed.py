@@ -1,9 +1,12 @@
-"""Data-parallel training on ``torch.distributed`` (gloo on loopback, CPU).
+"""Data-parallel training on ``torch.distributed``: gloo on loopback (CPU), and nccl.
 
 Each distributed scenario runs this file as a script in ``WORLD_SIZE`` subprocesses
 (the environment ``torchrun`` would set, read by :func:`kfe.distributed.init_from_env`);
 the ranks write their results to files the tests compare with a single process on the
-same global batch. The 2-rank training job runs once per session (a module fixture).
+same global batch. The 2-rank training job runs once per backend and session (a module
+fixture): ``gloo`` on the CPU always; ``nccl`` with one GPU per rank (and the single
+process on the first GPU) where two CUDA devices are visible, skipped otherwise (nccl
+does not put two ranks on one device).
 """
 
 from __future__ import annotations
@@ -66,6 +69,10 @@ this damping (1e-6 at damping 0.1): the default for EKFAC is 1e-7."""
 REFRESHES = len(range(0, STEPS, SETTINGS["basis_every"]))
 TIMEOUT_S = 4.0
 ROOT = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+BACKENDS = {"train": "gloo", "train-nccl": "nccl"}
+"""The training scenario of each backend (gloo ranks on the CPU, nccl ranks on GPUs)."""
+NCCL_READY = torch.cuda.device_count() >= 2 and dist.is_nccl_available()
 
 
 # -- the model and the training loop, shared by the test process and the ranks -------
@@ -93,6 +100,7 @@ def train(
     rank: int = 0,
     world_size: int = 1,
     save_to: Path | None = None,
+    device: torch.device = CPU,
 ) -> None:
     """Rank ``r`` of ``P`` trains on rows ``r::P`` of each global batch; the loss is the
     BCE summed over pixels, averaged over the (local) batch, so DDP's gradient average is
@@ -102,7 +110,7 @@ def train(
     for s in steps:
         if save_to is not None and s == SAVE_AT:
             save(save_to, getattr(model, "module", model), opt)
-        x = data[s, rank::world_size]
+        x = data[s, rank::world_size].to(device)
         opt.zero_grad()
         loss = F.binary_cross_entropy_with_logits(model(x), x, reduction="sum") / x.shape[0]
         loss.backward()
@@ -150,17 +158,26 @@ def registry_for_tests() -> Registry:
 
 
 def single_run(
-    registry: Registry, name: str, steps: range, load: Path | None = None
+    registry: Registry,
+    name: str,
+    steps: range,
+    load: Path | None = None,
+    device: torch.device = CPU,
 ) -> tuple[nn.Module, KFEOptimizer]:
-    model = make_model()
+    model = make_model().to(device)
     opt = KFEOptimizer(model, registry=registry, **SETTINGS, **CONFIGS[name])
     if load is not None:
-        saved = torch.load(load, weights_only=True)
+        saved = torch.load(load, weights_only=True, map_location=device)
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["opt"])
     with eigh_failure(opt, name):
-        train(model, opt, steps)
+        train(model, opt, steps, device=device)
     return model, opt
+
+
+def host(params: Any) -> list[torch.Tensor]:
+    """Detached CPU copies of parameters (what the tests compare)."""
+    return [p.detach().cpu().clone() for p in params]
 
 
 def save(path: Path, model: nn.Module, opt: KFEOptimizer) -> None:
@@ -224,24 +241,28 @@ def _check(results: list[subprocess.CompletedProcess[str]]) -> None:
 # -- the ranks' side ----------------------------------------------------------------
 
 
-def rank_train(out: Path, rank: int, world_size: int) -> None:
+def rank_train(out: Path, rank: int, world_size: int, device: torch.device) -> None:
     """Each config: train STEPS (checkpoint at SAVE_AT), then resume from that checkpoint
     and from the single process's, and record everything the tests compare."""
     from torch.nn.parallel import DistributedDataParallel as DDP
+
+    def wrap(model: nn.Module) -> nn.Module:
+        ids = None if device.type == "cpu" else [device]
+        return DDP(model.to(device), device_ids=ids)
 
     registry = registry_for_tests()
     results: dict[str, Any] = {}
     for name, settings in CONFIGS.items():
         model = make_model()
-        ddp = DDP(model)
+        ddp = wrap(model)
         opt = KFEOptimizer(ddp, registry=registry, **SETTINGS, **settings)
 
         saved_to = out / f"{name}-ws{world_size}.pt" if is_main_process() else None
         with eigh_failure(opt, name):
-            train(ddp, opt, range(STEPS), rank, world_size, saved_to)
+            train(ddp, opt, range(STEPS), rank, world_size, saved_to, device)
         comm = opt.communicator
         entry: dict[str, Any] = {
-            "params": [p.detach().clone() for p in model.parameters()],
+            "params": host(model.parameters()),
             "state": opt.state_dict(),
             "decompositions": opt.decompositions,
             "cost": opt.decomposition_cost,
@@ -251,14 +272,16 @@ def rank_train(out: Path, rank: int, world_size: int) -> None:
         torch.distributed.barrier()
         for source in (world_size, 1):  # resume from this run's checkpoint, and from 1 rank's
             resumed = make_model()
-            saved = torch.load(out / f"{name}-ws{source}.pt", weights_only=True)
+            saved = torch.load(
+                out / f"{name}-ws{source}.pt", weights_only=True, map_location=device
+            )
             resumed.load_state_dict(saved["model"])
-            rddp = DDP(resumed)
+            rddp = wrap(resumed)
             ropt = KFEOptimizer(rddp, registry=registry, **SETTINGS, **settings)
             ropt.load_state_dict(saved["opt"])
             with eigh_failure(ropt, name):
-                train(rddp, ropt, range(SAVE_AT, STEPS), rank, world_size)
-            entry[f"resumed-ws{source}"] = [p.detach().clone() for p in resumed.parameters()]
+                train(rddp, ropt, range(SAVE_AT, STEPS), rank, world_size, device=device)
+            entry[f"resumed-ws{source}"] = host(resumed.parameters())
         results[name] = entry
     torch.save(results, out / f"rank{rank}.pt")
 
@@ -306,10 +329,12 @@ def rank_fail(out: Path, rank: int, world_size: int, mode: str) -> None:
 
 def worker(scenario: str, out: Path) -> None:
     torch.set_num_threads(1)
-    rank, world_size = init_from_env("gloo", timeout_s=60)
+    backend = BACKENDS.get(scenario, "gloo")
+    rank, world_size = init_from_env(backend, timeout_s=60)
     assert (rank, world_size) == (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
-    if scenario == "train":
-        rank_train(out, rank, world_size)
+    if scenario in BACKENDS:  # init_from_env set the device to cuda:LOCAL_RANK for nccl
+        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else CPU
+        rank_train(out, rank, world_size, device)
     else:
         rank_fail(out, rank, world_size, scenario)
     sys.stdout.flush()
@@ -319,22 +344,39 @@ def worker(scenario: str, out: Path) -> None:
 # -- the tests ----------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """The single-process runs (with their checkpoints at SAVE_AT), then the 2-rank job."""
-    out = tmp_path_factory.mktemp("ddp")
+@pytest.fixture(
+    scope="module",
+    params=[
+        "train",
+        pytest.param(
+            "train-nccl",
+            marks=pytest.mark.skipif(
+                not NCCL_READY, reason="nccl: needs two visible CUDA devices, one per rank"
+            ),
+        ),
+    ],
+    ids=["gloo", "nccl"],
+)
+def two_ranks(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The single-process runs (with their checkpoints at SAVE_AT), then the 2-rank job,
+    on the CPU for gloo and on the first GPU for nccl."""
+    scenario = request.param
+    device = torch.device("cuda", 0) if BACKENDS[scenario] == "nccl" else CPU
+    out = tmp_path_factory.mktemp(BACKENDS[scenario])
     registry = registry_for_tests()
     single = {}
     with one_thread():
         for name in CONFIGS:
-            model, opt = single_run(registry, name, range(SAVE_AT))
+            model, opt = single_run(registry, name, range(SAVE_AT), device=device)
             save(out / f"{name}-ws1.pt", model, opt)
             with eigh_failure(opt, name):
-                train(model, opt, range(SAVE_AT, STEPS))
-            single[name] = [p.detach().clone() for p in model.parameters()]
-    _check(launch("train", out))
-    ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
-    return {"out": out, "single": single, "ranks": ranks, "registry": registry}
+                train(model, opt, range(SAVE_AT, STEPS), device=device)
+            single[name] = host(model.parameters())
+    _check(launch(scenario, out))
+    ranks = [
+        torch.load(out / f"rank{r}.pt", weights_only=True, map_location="cpu") for r in range(2)
+    ]
+    return {"out": out, "single": single, "ranks": ranks, "registry": registry, "device": device}
 
 
 def assert_params_close(
@@ -426,8 +468,9 @@ def test_checkpoint_moves_between_world_sizes(two_ranks, name) -> None:
             name,
             range(SAVE_AT, STEPS),
             two_ranks["out"] / f"{name}-ws2.pt",
+            two_ranks["device"],
         )
-    assert_params_close(list(model.parameters()), ranks[0][name]["params"], name)
+    assert_params_close(host(model.parameters()), ranks[0][name]["params"], name)
     # saved by one process, resumed on 2 ranks
     for rank in ranks:
         assert_params_close(rank[name]["resumed-ws1"], single, name)
