@@ -7,9 +7,12 @@ gradient comes from :meth:`CurvatureCapture.sample_fisher`, one extra backward t
 a loss on labels sampled from the model's predictive distribution.
 
 Scaling. Frameworks give the gradient of the *mean* batch loss
-``L = (1/n) sum_i l_i``, i.e. ``g_i / n``. With ``batch_averaged=True`` (the default)
-the captured gradient is multiplied by ``n`` so it is ``g_i = dl_i/dh_i``; with a summed
-loss set ``batch_averaged=False``.
+``L = (1/n) sum_i l_i``, i.e. ``g_i / n``. The capture stores that gradient as it comes
+(no copy); the per-example gradient is ``g_i = dl_i/dh_i = s * stored`` with
+``s = n`` under ``batch_averaged=True`` (the default) and ``s = 1`` for a summed loss
+(``batch_averaged=False``): :meth:`CurvatureCapture.example_scale`. Consumers fold ``s``
+into their matmuls (``s^2`` for second moments), and in either case ``.grad`` of the
+weight is ``sum_p stored_p^T x_p``.
 
 When the hooks are idle (steps that update no statistic) a forward costs one Python
 attribute check per tracked module.
@@ -112,10 +115,7 @@ class CurvatureCapture:
     def _store_grad(self, block: LayerBlock, store: Captured, slot: int, grad: Tensor) -> None:
         with record_function("kfe/capture"):
             assert block.adapter is not None and block.module is not None
-            g = block.adapter.output_grads(block.module, grad.detach())
-            if self.batch_averaged:
-                g = g * g.shape[0]
-            store.grads[slot] = g
+            store.grads[slot] = block.adapter.output_grads(block.module, grad.detach())
 
     def sample_fisher(
         self, output: Tensor, kind: LossKind, generator: torch.Generator | None = None
@@ -144,8 +144,13 @@ class CurvatureCapture:
                 self._store_grad(b, self.captured[b], slot, grad)
             self.captured[b].outputs.clear()
 
+    def example_scale(self, g: Tensor) -> float:
+        """``s`` with per-example gradients ``s * g`` of a stored ``g`` (see the module doc)."""
+        return float(g.shape[0]) if self.batch_averaged else 1.0
+
     def pop(self, block: LayerBlock) -> list[tuple[Tensor, Tensor]]:
-        """This step's ``(x, g)`` pairs for ``block``, and forget them."""
+        """This step's ``(x, g)`` pairs for ``block`` (``g`` as stored: times
+        :meth:`example_scale` for per-example gradients), and forget them."""
         pairs = self.captured[block].pairs()
         self.captured[block] = Captured()
         return pairs

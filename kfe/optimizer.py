@@ -103,6 +103,14 @@ def _factor_sides(block: LayerBlock) -> tuple[int, int]:
     return d_in, d_out
 
 
+def _per_example(job: _Job) -> list[tuple[Tensor, Tensor]]:
+    """The job's ``(x, g)`` with ``g`` per-example (rescaled: a copy where the scale is
+    not 1), as :meth:`kfe.BasisSource.batch_factors` takes them."""
+    return [
+        (x, g if s == 1 else g * s) for (x, g), s in zip(job.pairs, job.example_scales, strict=True)
+    ]
+
+
 def _as_tuple(value: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     return (value,) if isinstance(value, Tensor) else value
 
@@ -128,7 +136,9 @@ class _Job:
     grad: Tensor
     """The gradient as ``(d_out, d_in[+1])`` (no L2 term: the factors never see it)."""
     pairs: list[tuple[Tensor, Tensor]]
-    """This step's captured ``(x, g)``, ``x`` augmented and padded."""
+    """This step's captured ``(x, g)``, ``x`` augmented and padded, ``g`` as stored (the
+    mean loss's: per-example gradients are ``example_scales[p] * g``)."""
+    example_scales: list[float]
     basis: Eigenbasis
     """The basis before this step's refresh."""
     refreshed: Eigenbasis | None = None
@@ -457,7 +467,8 @@ class KFEOptimizer(torch.optim.Optimizer):
         pairs = []
         if block.tracked:
             pairs = [(block.augment(x), g) for x, g in self.capture.pop(block)]
-        return _Job(block, group, st, grad, pairs, Eigenbasis(**st[K.BASIS]))
+        scales = [self.capture.example_scale(g) for _, g in pairs]
+        return _Job(block, group, st, grad, pairs, scales, Eigenbasis(**st[K.BASIS]))
 
     # phase 2: factors
 
@@ -466,7 +477,7 @@ class KFEOptimizer(torch.optim.Optimizer):
         data (captures; Shampoo's come from the already averaged gradient), then the EMAs.
         """
         with record_function("kfe/factors"):
-            found = [self.source.batch_factors(job.grad, job.pairs) for job in jobs]
+            found = [self.source.batch_factors(job.grad, _per_example(job)) for job in jobs]
         comm = self.communicator
         if comm.active and self.source.needs_capture:
             found = self._average(
@@ -663,6 +674,7 @@ class KFEOptimizer(torch.optim.Optimizer):
                         d_in=job.grad.shape[1],
                         chunk_bytes=self.config.lambda_chunk_mb * 2**20,
                         gradient_scales=scales,
+                        example_scales=job.example_scales,
                     )
                 squares, job.projected = moments
             found.append(squares)
@@ -695,7 +707,6 @@ class KFEOptimizer(torch.optim.Optimizer):
         cfg = self.config
         if not jobs or self.communicator.active or cfg.fisher != "empirical":
             return [None] * len(jobs)
-        averaged = self.capture.batch_averaged
         out: list[list[float] | None] = []
         candidates: list[tuple[int, list[float]]] = []
         checks: list[Tensor] = []
@@ -703,7 +714,7 @@ class KFEOptimizer(torch.optim.Optimizer):
             out.append(None)
             if job.group["weight_decay"] and cfg.weight_decay_style == "l2":
                 continue
-            scales = [1 / x.shape[0] if averaged else 1.0 for x, _ in job.pairs]
+            scales = [1.0] * len(job.pairs)  # grad = sum_p g_p^T x_p for the stored g
             grad = job.grad
             probe = self._probes.get(grad.shape[1])
             if probe is None or probe.device != grad.device or probe.dtype != grad.dtype:

@@ -105,6 +105,7 @@ def kfe_moments(
     d_in: int | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     gradient_scales: Sequence[float] | None = None,
+    example_scales: Sequence[float] | None = None,
 ) -> Moments:
     """``E_i[(U_B^T G_i U_A)^2]`` over the examples of one step's captures, and with
     ``gradient_scales`` (one ``s_p`` per pair) also the projected gradient they add up to,
@@ -116,16 +117,22 @@ def kfe_moments(
     ``U_B^T .grad U_A`` only when ``.grad`` is exactly the captured sum; the optimizer
     checks that before using it.
 
+    The per-example gradients of pair ``p`` are ``c_p g_p`` with ``c_p`` from
+    ``example_scales`` (default 1: ``g`` already per-example; the capture stores the
+    mean loss's ``g``, ``c_p = n_p``): ``c_p^2`` rides on the squares' matmul, so ``g`` is
+    never copied to rescale it.
+
     ``U_B``, ``U_A`` may be zero-padded (:func:`kfe.basis.pad_square`), or both ``None``
     for the identity basis; ``x`` may carry zero padding columns after its first
     ``d_in``. The results have the unpadded shape ``(d_out, d_in)``.
     """
-    scale = 1 / sum(x.shape[0] for x, _ in pairs)
+    mean = 1 / sum(x.shape[0] for x, _ in pairs)
     d_out = pairs[0][1].shape[-1]
     total: Tensor | None = None
     gradient: Tensor | None = None
     for k, (x, g) in enumerate(pairs):
         n, T = x.shape[0], x.shape[1]
+        scale = mean * (1.0 if example_scales is None else example_scales[k]) ** 2
         xp, gp = x, g  # (n, T, d_in), (n, T, d_out), padded if the basis is
         rotated = U_A is not None and U_B is not None
         if U_A is not None and U_B is not None:  # (spelt out for the type checker)
