@@ -623,7 +623,7 @@ def calibrated_ratio(entry: Entry, ref: Entry) -> float:
     optimizer, so they act as a clock inside each window; a spell where the machine is
     slower for one optimizer's windows than for Adam's moves the plain ratio, not this
     one. Biased in kfe's favour where it captures: the hooks run inside forward and
-    backward and lengthen the clock (by ~3-6% for ``ekfac`` batch, which captures every
+    backward and lengthen the clock (by ~4% for ``ekfac`` batch, which captures every
     step; ~0.5% at one capture in 10 steps; nothing for SOAP, which has no hooks).
     Reported beside the plain ratio, never used for the target verdict."""
 
