@@ -39,6 +39,50 @@ def test_mean_and_sum_losses_give_the_same_factors(registry) -> None:
     torch.testing.assert_close(factors[0][1], g.T @ g / 10, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("estimator", ["batch", "ema"])
+def test_lambda_folds_the_per_example_scale_of_each_forward(registry, estimator) -> None:
+    """The capture stores the mean loss's ``g`` and the per-example scale ``n_p`` of
+    each forward rides on Lambda's matmul: with forwards of 6 and 4 examples and a
+    batch-mean, a summed, and a two-forward loss, Lambda equals the explicit
+    ``E_i[(U_B^T G_i U_A)^2]`` of the per-example gradients ``G_i = g_i x_i^T``."""
+    x, y = torch.randn(10, 4, dtype=torch.float64), torch.randn(10, 3, dtype=torch.float64)
+
+    def l_i(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return (o - t).square().sum(1)
+
+    cases = {
+        "mean": (True, lambda m: l_i(m(x), y).mean()),
+        "sum": (False, lambda m: l_i(m(x), y).sum()),
+        # each forward's mean, summed: every forward is rescaled by its own size
+        "two forwards": (True, lambda m: l_i(m(x[:6]), y[:6]).mean() + l_i(m(x[6:]), y[6:]).mean()),
+    }
+    lambdas = {}
+    for name, (averaged, loss) in cases.items():
+        torch.manual_seed(0)
+        model = nn.Linear(4, 3).double()
+        opt = KFEOptimizer(
+            model,
+            registry=registry,
+            rule={"name": "ekfac", "estimator": estimator},
+            batch_averaged=averaged,
+            lr=0.0,
+        )
+        opt.zero_grad()
+        loss(model).backward()
+        opt.step()
+        layer = inspect_layer(opt, model)
+        with torch.no_grad():
+            g = 2 * (model(x) - y)  # dl_i/dh_i
+        xa = torch.cat([x, torch.ones(10, 1, dtype=x.dtype)], 1)
+        per_example = torch.einsum("no,ni->noi", g, xa)  # G_i = g_i x_i^T
+        U_B, U_A = layer.basis.U_B, layer.basis.U_A
+        expected = (U_B.T @ per_example @ U_A).square().mean(0)
+        assert layer.diagonal is not None
+        torch.testing.assert_close(layer.diagonal, expected, rtol=1e-10, atol=1e-12)
+        lambdas[name] = layer.diagonal
+    torch.testing.assert_close(lambdas["mean"], lambdas["sum"], rtol=1e-10, atol=1e-12)
+
+
 def head_factor(
     registry, loss: str, out_dim: int, n: int = 20000
 ) -> tuple[torch.Tensor, torch.Tensor]:
