@@ -259,7 +259,7 @@ class KFEOptimizer(torch.optim.Optimizer):
         """Their summed cost ``sum d^3`` (``d``: the side of each factor)."""
         self.gradients_from_captures = 0
         """Block updates whose ``U_B^T grad U_A`` came from the captures (the check of
-        :meth:`_captured_gradient_scales` passed) instead of rotating ``grad``."""
+        :meth:`_gradients_in_captures` passed) instead of rotating ``grad``."""
         self._arm_capture()
 
     # -- cadence ------------------------------------------------------------------
@@ -658,22 +658,19 @@ class KFEOptimizer(torch.optim.Optimizer):
         found: list[Tensor | None] = []
         with record_function("kfe/lambda"):
             reusable = [job for job in due if job.pairs and self._fast(job) is not None]
-            found_scales = dict(
-                zip(reusable, self._captured_gradient_scales(reusable), strict=True)
-            )
+            in_captures = dict(zip(reusable, self._gradients_in_captures(reusable), strict=True))
         for job in due:
             fast = self._fast(job)
             squares = None
             if job.pairs:
                 with record_function("kfe/lambda"):
-                    scales = found_scales.get(job)
                     moments = kfe_moments(
                         job.pairs,
                         fast.U_B if fast else None,
                         fast.U_A if fast else None,
                         d_in=job.grad.shape[1],
                         chunk_bytes=self.config.lambda_chunk_mb * 2**20,
-                        gradient_scales=scales,
+                        gradient=in_captures.get(job, False),
                         example_scales=job.example_scales,
                     )
                 squares, job.projected = moments
@@ -690,9 +687,10 @@ class KFEOptimizer(torch.optim.Optimizer):
                 squares = None
             job.squares = squares
 
-    def _captured_gradient_scales(self, jobs: list[_Job]) -> list[list[float] | None]:
-        """Per job, ``s_p`` with ``grad = sum_p s_p g_p^T x_p`` over its captured pairs, if
-        that holds (else ``None``); one host sync for all jobs.
+    def _gradients_in_captures(self, jobs: list[_Job]) -> list[bool]:
+        """Per job, whether ``grad = sum_p g_p^T x_p`` over its captured pairs (``g`` as the
+        capture stores it, the gradient of the loss as computed); one host sync for all
+        jobs.
 
         Then the Lambda phase can hand the rule ``U_B^T grad U_A`` from the rotated
         captures it forms anyway (:func:`kfe.statistics.kfe_moments`), saving the two
@@ -701,20 +699,18 @@ class KFEOptimizer(torch.optim.Optimizer):
         ``.grad``: gradient clipping, accumulation over steps, DDP's averaging, other
         loss terms on the weights, the true Fisher's sampled labels, ``l2`` decay. So
         it is checked, not assumed: along a fixed pseudo-random direction ``r``,
-        ``grad r`` must equal ``sum_p s_p g_p^T (x_p r)`` to ``1e-5`` relative (three
+        ``grad r`` must equal ``sum_p g_p^T (x_p r)`` to ``1e-5`` relative (three
         matrix-vector products); otherwise ``grad`` itself is rotated, as always.
         """
         cfg = self.config
         if not jobs or self.communicator.active or cfg.fisher != "empirical":
-            return [None] * len(jobs)
-        out: list[list[float] | None] = []
-        candidates: list[tuple[int, list[float]]] = []
+            return [False] * len(jobs)
+        out = [False] * len(jobs)
+        candidates: list[int] = []
         checks: list[Tensor] = []
-        for job in jobs:
-            out.append(None)
+        for k, job in enumerate(jobs):
             if job.group["weight_decay"] and cfg.weight_decay_style == "l2":
                 continue
-            scales = [1.0] * len(job.pairs)  # grad = sum_p g_p^T x_p for the stored g
             grad = job.grad
             probe = self._probes.get(grad.shape[1])
             if probe is None or probe.device != grad.device or probe.dtype != grad.dtype:
@@ -724,22 +720,17 @@ class KFEOptimizer(torch.optim.Optimizer):
             direct = grad @ probe
             captured = sum(
                 (
-                    s
-                    * (
-                        g.reshape(-1, g.shape[-1]).mT
-                        @ (x[..., : grad.shape[1]] @ probe).reshape(-1)
-                    )
-                    for s, (x, g) in zip(scales, job.pairs, strict=True)
+                    g.reshape(-1, g.shape[-1]).mT @ (x[..., : grad.shape[1]] @ probe).reshape(-1)
+                    for x, g in job.pairs
                 ),
                 torch.zeros_like(direct),
             )
-            candidates.append((len(out) - 1, scales))
+            candidates.append(k)
             checks.append((direct - captured).norm() <= 1e-5 * direct.norm())
         if checks:
-            for (k, scales), ok in zip(candidates, torch.stack(checks).tolist(), strict=True):
-                if ok:
-                    out[k] = scales
-                    self.gradients_from_captures += 1
+            for k, ok in zip(candidates, torch.stack(checks).tolist(), strict=True):
+                out[k] = ok
+                self.gradients_from_captures += ok
         return out
 
     # phase 5, 6: rule and update

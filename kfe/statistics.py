@@ -95,7 +95,7 @@ class Moments(NamedTuple):
     squares: Tensor
     """``E_i[(U_B^T G_i U_A)^2]``."""
     gradient: Tensor | None = None
-    """``sum_p s_p U_B^T g_p^T x_p U_A`` (the projected gradient), if asked for."""
+    """``sum_p U_B^T g_p^T x_p U_A`` (the projected gradient), if asked for."""
 
 
 def kfe_moments(
@@ -104,13 +104,13 @@ def kfe_moments(
     U_A: Tensor | None,
     d_in: int | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    gradient_scales: Sequence[float] | None = None,
+    gradient: bool = False,
     example_scales: Sequence[float] | None = None,
 ) -> Moments:
     """``E_i[(U_B^T G_i U_A)^2]`` over the examples of one step's captures, and with
-    ``gradient_scales`` (one ``s_p`` per pair) also the projected gradient they add up to,
+    ``gradient`` also the projected gradient of the stored ``g`` they add up to,
 
-    .. math::  \\tilde M = \\sum_p s_p\\, (g_p U_B)^\\top (x_p U_A),
+    .. math::  \\tilde M = \\sum_p (g_p U_B)^\\top (x_p U_A),
 
     from the same rotated ``x U_A`` and ``g U_B`` (before they are squared): one
     ``d_out x n x d_in`` matmul instead of the two rotations of ``.grad``. It equals
@@ -129,7 +129,7 @@ def kfe_moments(
     mean = 1 / sum(x.shape[0] for x, _ in pairs)
     d_out = pairs[0][1].shape[-1]
     total: Tensor | None = None
-    gradient: Tensor | None = None
+    projected: Tensor | None = None
     for k, (x, g) in enumerate(pairs):
         n, T = x.shape[0], x.shape[1]
         scale = mean * (1.0 if example_scales is None else example_scales[k]) ** 2
@@ -140,16 +140,14 @@ def kfe_moments(
             # instead of padding x, g (a copy); the result keeps the padded width
             xp = x @ U_A[: x.shape[-1]]
             gp = g @ U_B[: g.shape[-1]]
-        if gradient_scales is not None:
+        if gradient:
             rows_g, rows_x = gp.reshape(-1, gp.shape[-1]), xp.reshape(-1, xp.shape[-1])
             into = (
                 rows_g.new_empty(rows_g.shape[-1], rows_x.shape[-1])
-                if gradient is None
-                else gradient
+                if projected is None
+                else projected
             )
-            gradient = torch.addmm(
-                into, rows_g.mT, rows_x, beta=0 if k == 0 else 1, alpha=gradient_scales[k]
-            )
+            projected = torch.addmm(into, rows_g.mT, rows_x, beta=0 if k == 0 else 1)
         if T == 1:
             # fresh matmul outputs are squared in place; captured tensors are not touched
             xs, gs = (
@@ -170,5 +168,5 @@ def kfe_moments(
                 proj = gp[s : s + step].mT @ xp[s : s + step]  # (chunk, d_out, d_in)
                 total.add_(proj.square_().sum(0), alpha=scale)
     assert total is not None, "no captures"
-    cut = None if gradient is None else gradient[:d_out, :d_in]
+    cut = None if projected is None else projected[:d_out, :d_in]
     return Moments(total[:d_out, :d_in], cut)

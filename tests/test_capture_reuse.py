@@ -48,7 +48,7 @@ def train(
     }
     opt = KFEOptimizer(model, registry=registry, **{**config, **settings})
     if not reuse:
-        opt._captured_gradient_scales = lambda jobs: [None] * len(jobs)  # type: ignore[method-assign]
+        opt._gradients_in_captures = lambda jobs: [False] * len(jobs)  # type: ignore[method-assign]
     g = torch.Generator().manual_seed(1)
     for step in range(6):
         x = torch.randn(16, 5, generator=g, dtype=DT)
