@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -32,9 +32,11 @@ from torch.utils.hooks import RemovableHandle
 
 from kfe.block import LayerBlock
 
-__all__ = ["Captured", "CurvatureCapture", "LossKind"]
+__all__ = ["Captured", "CurvatureCapture", "LossKind", "Reduction", "sample_loss"]
 
 LossKind = Literal["cross_entropy", "mse", "bce"]
+Reduction = Literal["mean", "sum"]
+"""How the training loss combines one example's output terms (:func:`sample_loss`)."""
 
 
 @dataclass
@@ -51,32 +53,61 @@ class Captured:
         return [(x, g) for x, g in zip(self.inputs, self.grads, strict=True) if g is not None]
 
 
-def sample_loss(output: Tensor, kind: LossKind, generator: torch.Generator | None) -> Tensor:
-    """The training loss (torch's default ``mean`` reduction) on sampled labels.
+def check_loss(kind: str, reduction: str) -> None:
+    """Raise a ``ValueError`` naming the field if ``kind`` or ``reduction`` is unknown."""
+    if kind not in get_args(LossKind):
+        raise ValueError(f"kind: must be one of 'cross_entropy', 'mse', 'bce', not {kind!r}")
+    if reduction not in get_args(Reduction):
+        raise ValueError(f"reduction: must be 'mean' or 'sum', not {reduction!r}")
+
+
+def sample_loss(
+    output: Tensor,
+    kind: LossKind,
+    generator: torch.Generator | None,
+    reduction: Reduction = "mean",
+    batch_mean: bool = True,
+) -> Tensor:
+    """The training loss on labels sampled from the model's predictive distribution.
+
+    Each output term is torch's own loss with ``reduction="none"``:
 
     - ``cross_entropy``: ``y ~ Categorical(softmax(output))`` over the last dim
-      (``(n, C)`` or ``(n, T, C)`` logits), loss ``F.cross_entropy``.
-    - ``bce``: ``y ~ Bernoulli(sigmoid(output))``, loss ``F.binary_cross_entropy_with_logits``.
-    - ``mse``: ``y ~ N(output, I/2)``, loss ``F.mse_loss``; ``sigma^2 = 1/2`` is the
-      Gaussian whose negative log-likelihood is ``||f - y||^2``, so that with a summed
-      loss ``E[g g^T] = 2 I`` is its Hessian (the GGN).
+      (``(n, C)`` or ``(n, T, C)`` logits), terms ``F.cross_entropy``;
+    - ``bce``: ``y ~ Bernoulli(sigmoid(output))``, terms
+      ``F.binary_cross_entropy_with_logits``;
+    - ``mse``: ``y ~ N(output, I/2)``, terms ``F.mse_loss``, i.e. ``(f - y)^2``: the
+      Gaussian whose negative log-likelihood is ``(f - y)^2`` (variance 1/2), so that
+      ``E[g g^T] = 2 I`` is the Hessian of the term (the GGN).
 
-    The captured ``g`` is the gradient of the per-example loss with sampled labels, the
-    same form as the empirical Fisher's. A per-example loss that averages ``k`` terms
-    (outputs, tokens) is ``NLL / k`` and its Fisher carries ``1/k^2`` in both kinds.
+    ``reduction`` says how the training loss combines an example's terms (positions,
+    pixels): ``"mean"`` (torch's default losses; with ``batch_mean`` this is the mean
+    over every element, torch's ``reduction="mean"``) or ``"sum"`` (the example's whole
+    negative log-likelihood, e.g. BCE summed over pixels, the seed paper's auto-encoder
+    loss). Over the batch the terms are averaged (``batch_mean``, the optimizer's
+    ``batch_averaged``) or summed. It must match the loss that ``.backward()`` is
+    called on: then the true Fisher's ``g`` is on the same scale as the empirical
+    Fisher's. A per-example loss that averages ``k`` terms is ``NLL / k``, and its
+    Fisher carries ``1/k^2`` in both kinds; with ``"sum"`` the Fisher is the GGN of
+    the loss itself.
     """
+    check_loss(kind, reduction)
     out = output.detach()
     if kind == "cross_entropy":
         logits = out.reshape(-1, out.shape[-1])
         y = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
-        return F.cross_entropy(output.reshape(-1, output.shape[-1]), y)
-    if kind == "bce":
+        terms = F.cross_entropy(output.reshape(-1, output.shape[-1]), y, reduction="none")
+    elif kind == "bce":
         y = torch.bernoulli(torch.sigmoid(out), generator=generator)
-        return F.binary_cross_entropy_with_logits(output, y)
-    if kind == "mse":
+        terms = F.binary_cross_entropy_with_logits(output, y, reduction="none")
+    elif kind == "mse":
         noise = torch.randn(out.shape, generator=generator, dtype=out.dtype, device=out.device)
-        return F.mse_loss(output, out + noise * 0.5**0.5)
-    raise ValueError(f"loss kind must be one of 'cross_entropy', 'mse', 'bce', not {kind!r}")
+        terms = F.mse_loss(output, out + noise * 0.5**0.5, reduction="none")
+    else:
+        raise AssertionError(kind)
+    per_example = terms.reshape(output.shape[0], -1)
+    per_example = per_example.mean(1) if reduction == "mean" else per_example.sum(1)
+    return per_example.mean() if batch_mean else per_example.sum()
 
 
 class CurvatureCapture:
@@ -118,13 +149,19 @@ class CurvatureCapture:
             store.grads[slot] = block.adapter.output_grads(block.module, grad.detach())
 
     def sample_fisher(
-        self, output: Tensor, kind: LossKind, generator: torch.Generator | None = None
+        self,
+        output: Tensor,
+        kind: LossKind,
+        generator: torch.Generator | None = None,
+        reduction: Reduction = "mean",
     ) -> None:
-        """Capture ``g`` for the true Fisher: one backward of a sampled-label loss.
+        """Capture ``g`` for the true Fisher: one backward of a sampled-label loss
+        (:func:`sample_loss`, averaged over the batch as ``batch_averaged`` says).
 
         Call after the forward pass and *before* ``loss.backward()`` on steps where
         the optimizer's ``wants_statistics`` is true. Parameter ``.grad`` is untouched.
         """
+        check_loss(kind, reduction)
         if not self.active:
             return
         if self.fisher != "true":
@@ -134,7 +171,10 @@ class CurvatureCapture:
             raise RuntimeError("sample_fisher found no captured forward pass in this step")
         outs = [o for b in blocks for o in self.captured[b].outputs]
         grads = torch.autograd.grad(
-            sample_loss(output, kind, generator), outs, retain_graph=True, allow_unused=True
+            sample_loss(output, kind, generator, reduction, self.batch_averaged),
+            outs,
+            retain_graph=True,
+            allow_unused=True,
         )
         it = iter(grads)
         for b in blocks:

@@ -42,11 +42,13 @@ Since ``U`` is orthogonal the errors are computed in KFE coordinates, without fo
 in float64. Fisher kinds follow the optimizer's ``config.fisher``: *empirical* uses the
 held-out labels and ``loss_fn``; *true* draws labels from the model exactly as
 ``opt.sample_fisher`` does (:func:`kfe.capture.sample_loss`: categorical for
-``cross_entropy``, Bernoulli for ``bce``, Gaussian with variance 1/2 for ``mse``; the
-loss's mean reduction), ``mc_samples`` draws per example. Gradients of a batch-mean loss
-are rescaled by ``n`` when ``config.batch_averaged`` (as the capture does), so ``G`` is on
-the optimizer's scale. The model runs in ``eval`` mode (per-example gradients need
-examples that do not interact) and the optimizer's own capture hooks are paused.
+``cross_entropy``, Bernoulli for ``bce``, Gaussian with variance 1/2 for ``mse``; each
+example's terms averaged or summed as ``reduction`` says, the batch averaged as
+``config.batch_averaged`` says), ``mc_samples`` draws per example. Gradients of a
+batch-mean loss are rescaled by ``n`` when ``config.batch_averaged`` (as the capture
+does), so ``G`` is on the optimizer's scale. The model runs in ``eval`` mode
+(per-example gradients need examples that do not interact) and the optimizer's own
+capture hooks are paused.
 
 Usage from a training loop::
 
@@ -70,7 +72,7 @@ import torch
 from torch import Tensor, nn
 
 from kfe import state_keys as K
-from kfe.capture import LossKind, sample_loss
+from kfe.capture import LossKind, Reduction, sample_loss
 from kfe.inspection import inspect_layer
 
 if TYPE_CHECKING:
@@ -133,6 +135,7 @@ def layer_gradients(
     *,
     fisher: FisherKind | None = None,
     loss_kind: LossKind | None = None,
+    reduction: Reduction = "mean",
     generator: torch.Generator | None = None,
     mc_samples: int = 1,
     max_dim: int = DIAGNOSTIC_MAX_DIM,
@@ -150,6 +153,8 @@ def layer_gradients(
         fisher: ``"empirical"`` (``loss_fn`` on the batch's labels) or ``"true"`` (labels
             sampled from the model); default: the optimizer's ``config.fisher``.
         loss_kind: the predictive distribution for ``"true"``.
+        reduction: how ``loss_fn`` combines an example's output terms, ``"mean"`` or
+            ``"sum"`` (:func:`kfe.capture.sample_loss`), for ``"true"``.
         generator: random source of the sampled labels.
         mc_samples: label draws per example (``"true"`` only).
     """
@@ -189,7 +194,9 @@ def layer_gradients(
                     loss = loss_fn(out, Y)
                 else:
                     assert loss_kind is not None
-                    loss = sample_loss(out, loss_kind, generator)
+                    loss = sample_loss(
+                        out, loss_kind, generator, reduction, optimizer.config.batch_averaged
+                    )
                 grads_per_draw.append(
                     torch.autograd.grad(
                         loss, targets, retain_graph=k < draws - 1, allow_unused=True
@@ -325,6 +332,7 @@ class CurvatureDiagnostics:
         every: sample when ``step % every == 0``.
         out_path: the JSONL file (appended to; parent folders created).
         loss_kind: the predictive distribution, needed for ``fisher="true"``.
+        reduction: how ``loss_fn`` combines an example's output terms (true Fisher).
         fisher: default: the optimizer's ``config.fisher``.
         seed: seed of the label-sampling generator (true Fisher).
         mc_samples: label draws per held-out example (true Fisher).
@@ -346,6 +354,7 @@ class CurvatureDiagnostics:
         out_path: Path,
         loss_kind: LossKind | None = None,
         *,
+        reduction: Reduction = "mean",
         fisher: FisherKind | None = None,
         seed: int = 0,
         mc_samples: int = 1,
@@ -365,6 +374,7 @@ class CurvatureDiagnostics:
         if self.fisher == "true" and loss_kind is None:
             raise ValueError("fisher='true' needs loss_kind ('cross_entropy', 'bce' or 'mse')")
         self.loss_kind = loss_kind
+        self.reduction: Reduction = reduction
         self.mc_samples = mc_samples
         self.max_dim = max_dim
         device = held_out[0].device
@@ -409,6 +419,7 @@ class CurvatureDiagnostics:
             self.layers,
             fisher=self.fisher,
             loss_kind=self.loss_kind,
+            reduction=self.reduction,
             generator=self.generator,
             mc_samples=self.mc_samples,
             max_dim=self.max_dim,

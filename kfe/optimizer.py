@@ -40,7 +40,7 @@ from torch.autograd.profiler import record_function
 from kfe import state_keys as K
 from kfe.basis import Eigenbasis, _match
 from kfe.block import LayerBlock
-from kfe.capture import CurvatureCapture, LossKind
+from kfe.capture import CurvatureCapture, LossKind, Reduction
 from kfe.config import KFEConfigBase, config_model
 from kfe.distributed import Communicator, Solved, assign_owners, world
 from kfe.eigh import power_qr, robust_eigh
@@ -324,7 +324,11 @@ class KFEOptimizer(torch.optim.Optimizer):
         return self._owner_plan[1]
 
     def sample_fisher(
-        self, output: Tensor, kind: LossKind, generator: torch.Generator | None = None
+        self,
+        output: Tensor,
+        kind: LossKind,
+        generator: torch.Generator | None = None,
+        reduction: Reduction = "mean",
     ) -> None:
         """For ``fisher="true"``: capture ``g`` from labels sampled from the model.
 
@@ -335,9 +339,14 @@ class KFEOptimizer(torch.optim.Optimizer):
             opt.sample_fisher(out, "cross_entropy")  # or "mse", "bce"
             F.cross_entropy(out, y).backward()
             opt.step()
+
+        ``reduction`` is how the training loss combines each example's output terms:
+        ``"mean"`` as torch's default losses do, ``"sum"`` for a loss summed over them
+        (BCE summed over pixels); see :func:`kfe.capture.sample_loss`. A mismatch puts
+        the true Fisher on another scale than the loss (by ``k^2`` for ``k`` terms).
         """
         with record_function("kfe/capture"):
-            self.capture.sample_fisher(output, kind, generator)
+            self.capture.sample_fisher(output, kind, generator, reduction)
 
     # -- the torch.optim contract -------------------------------------------------
 

@@ -9,11 +9,11 @@ from torch import nn
 from kfe import KFEOptimizer, inspect_layer
 
 
-def one_step(model, opt, loss_fn, x, sample: str | None = None) -> None:
+def one_step(model, opt, loss_fn, x, sample: str | None = None, reduction: str = "mean") -> None:
     opt.zero_grad()
     out = model(x)
     if sample is not None:
-        opt.sample_fisher(out, sample, generator=torch.Generator().manual_seed(0))
+        opt.sample_fisher(out, sample, torch.Generator().manual_seed(0), reduction)
     loss_fn(out).backward()
     opt.step()
 
@@ -84,14 +84,21 @@ def test_lambda_folds_the_per_example_scale_of_each_forward(registry, estimator)
 
 
 def head_factor(
-    registry, loss: str, out_dim: int, n: int = 20000
+    registry,
+    loss: str,
+    out_dim: int,
+    n: int = 20000,
+    reduction: str = "mean",
+    batch_averaged: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """B of a linear head under the true Fisher, and the input logits it saw."""
     torch.manual_seed(0)
     model = nn.Linear(3, out_dim)
-    opt = KFEOptimizer(model, registry=registry, fisher="true", lr=0.0)
+    opt = KFEOptimizer(
+        model, registry=registry, fisher="true", lr=0.0, batch_averaged=batch_averaged
+    )
     x = torch.randn(n, 3)
-    one_step(model, opt, lambda o: o.sum() * 0, x, sample=loss)
+    one_step(model, opt, lambda o: o.sum() * 0, x, sample=loss, reduction=reduction)
     with torch.no_grad():
         logits = model(x)
     return inspect_layer(opt, model).B, logits
@@ -117,6 +124,60 @@ def test_true_fisher_bce_matches_hessian(registry) -> None:
     torch.testing.assert_close(B, fisher, atol=0.005, rtol=0)
 
 
+@pytest.mark.parametrize("batch_averaged", [True, False])
+@pytest.mark.parametrize("kind", ["mse", "bce"])
+def test_true_fisher_of_a_loss_summed_over_outputs_is_its_gauss_newton(
+    registry, kind, batch_averaged
+) -> None:
+    """``reduction="sum"``: each example's terms are summed (BCE over pixels), so the
+    sampled ``g g^T`` is the Hessian of the example's loss with no ``1/k^2``, for a batch
+    mean and a batch sum alike."""
+    B, logits = head_factor(registry, kind, 4, reduction="sum", batch_averaged=batch_averaged)
+    if kind == "mse":  # terms (f - y)^2, y ~ N(f, I/2): Hessian 2 I
+        hessian = 2 * torch.eye(4)
+    else:  # Bernoulli: Hessian diag(s (1 - s))
+        s = torch.sigmoid(logits)
+        hessian = torch.diag((s * (1 - s)).mean(0))
+    torch.testing.assert_close(B, hessian, atol=0.04 if kind == "mse" else 0.005, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["bce", "cross_entropy", "mse"])
+def test_harness_true_fisher_is_on_its_loss_scale(registry, kind) -> None:
+    """The experiment harness's losses sum each example's terms; the true Fisher it
+    asks for (``LOSS_REDUCTION``) must match the empirical Fisher of those losses on
+    labels drawn from the model: the same ``B`` up to Monte Carlo error (a mean
+    reduction here would make it ``k^2 = 25`` times smaller)."""
+    from kfe.experiment.setup import LOSS_REDUCTION, loss_function
+
+    torch.manual_seed(0)
+    n, k = 20000, 5
+    model = nn.Linear(3, k)
+    x = torch.randn(n, 3)
+    with torch.no_grad():
+        f = model(x)
+    gen = torch.Generator().manual_seed(1)
+    if kind == "bce":
+        y = torch.bernoulli(torch.sigmoid(f), generator=gen)
+    elif kind == "cross_entropy":
+        y = torch.multinomial(f.softmax(-1), 1, generator=gen).squeeze(1)
+    else:
+        y = f + torch.randn(f.shape, generator=gen) * 0.5**0.5
+    loss = loss_function(kind)
+    factors = {}
+    for fisher in ("empirical", "true"):
+        opt = KFEOptimizer(model, registry=registry, fisher=fisher, lr=0.0)
+        opt.zero_grad()
+        out = model(x)
+        if fisher == "true":
+            opt.sample_fisher(out, kind, torch.Generator().manual_seed(2), LOSS_REDUCTION)
+        # the auto-encoder's bce reconstructs its input: the target rides in ``x``
+        loss(out, y if kind == "bce" else x, y).backward()
+        opt.step()
+        factors[fisher] = inspect_layer(opt, model).B
+    scale = factors["empirical"].diagonal().mean()
+    torch.testing.assert_close(factors["true"], factors["empirical"], atol=0.05 * scale, rtol=0)
+
+
 def test_sample_fisher_leaves_grads_and_skips_idle_steps(registry) -> None:
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
     opt = KFEOptimizer(model, registry=registry, fisher="true", factor_every=2, basis_every=2)
@@ -140,8 +201,10 @@ def test_sample_fisher_misuse(registry) -> None:
     with pytest.raises(RuntimeError, match="fisher='true'"):
         opt.sample_fisher(model(torch.randn(2, 3)), "mse")
     opt = KFEOptimizer(model, registry=registry, fisher="true")
-    with pytest.raises(ValueError, match="'cross_entropy', 'mse', 'bce'"):
+    with pytest.raises(ValueError, match="kind: must be one of 'cross_entropy', 'mse', 'bce'"):
         opt.sample_fisher(model(torch.randn(2, 3)), "hinge")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="reduction: must be 'mean' or 'sum', not 'max'"):
+        opt.sample_fisher(model(torch.randn(2, 3)), "mse", reduction="max")  # type: ignore[arg-type]
 
 
 def test_empirical_fisher_needs_no_extra_call(registry) -> None:

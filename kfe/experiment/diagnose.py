@@ -18,7 +18,7 @@ from torch import Tensor
 
 from kfe.diagnostics import CurvatureDiagnostics, plot
 from kfe.experiment.config import ConfigError, ExperimentConfigBase
-from kfe.experiment.setup import build_experiment
+from kfe.experiment.setup import LOSS_REDUCTION, build_experiment
 from kfe.experiment.train import batches, train_step
 
 __all__ = ["diagnose_experiment"]
@@ -57,6 +57,7 @@ def diagnose_experiment(
             every,
             jsonl,
             config.loss_kind,
+            reduction=LOSS_REDUCTION,
             seed=config.seed,
         )
     except (KeyError, ValueError) as exc:

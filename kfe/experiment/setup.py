@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kfe.capture import Reduction
 from kfe.data import Dataset, DatasetNotFound, load_dataset
 from kfe.experiment.config import (
     ConfigError,
@@ -25,20 +26,25 @@ from kfe.experiment.config import (
 from kfe.optimizer import KFEOptimizer
 from kfe.registry import Registry
 
-__all__ = ["Experiment", "LossFn", "build_experiment", "loss_function"]
+__all__ = ["LOSS_REDUCTION", "Experiment", "LossFn", "build_experiment", "loss_function"]
 
 LossFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 """``loss(output, x, y)``: a scalar, the mean over the batch."""
 
 
+LOSS_REDUCTION: Reduction = "sum"
+"""Every task loss below sums an example's output terms (what ``sample_fisher`` is told,
+so that the true Fisher is on the loss's scale)."""
+
+
 def loss_function(kind: str) -> LossFn:
-    """The batch-mean loss of a task.
+    """The batch-mean loss of a task, each example's output terms summed:
 
     * ``cross_entropy``: ``mean_i -log softmax(out_i)[y_i]``;
     * ``bce``: the auto-encoder's reconstruction loss, BCE-with-logits against the
       input, summed over pixels and averaged over the batch (the seed paper's);
-    * ``mse``: ``mean_i 0.5 ||out_i - y_i||^2`` (half squared error, the Gaussian
-      negative log-likelihood with unit variance up to a constant).
+    * ``mse``: ``mean_i ||out_i - y_i||^2`` (torch's squared error summed over the
+      outputs: the Gaussian negative log-likelihood with variance 1/2, up to a constant).
     """
     if kind == "cross_entropy":
         return lambda out, x, y: F.cross_entropy(out, y)
@@ -48,7 +54,7 @@ def loss_function(kind: str) -> LossFn:
             / len(out)
         )
     if kind == "mse":
-        return lambda out, x, y: 0.5 * (out - y.reshape(out.shape)).square().sum() / len(out)
+        return lambda out, x, y: (out - y.reshape(out.shape)).square().sum() / len(out)
     raise ValueError(f"loss: unknown kind {kind!r}; allowed: cross_entropy, bce, mse")
 
 

@@ -42,7 +42,7 @@ from kfe.experiment.config import (
     TorchOptimizerConfig,
     dump_experiment,
 )
-from kfe.experiment.setup import Experiment, build_experiment
+from kfe.experiment.setup import LOSS_REDUCTION, Experiment, build_experiment
 from kfe.registry import Registry
 
 __all__ = ["batches", "evaluate", "train", "train_step"]
@@ -77,7 +77,7 @@ def train_step(
     out = exp.model(x)
     kfe_opt = exp.kfe
     if kfe_opt is not None and exp.true_fisher:
-        kfe_opt.sample_fisher(out, exp.config.loss_kind, generator)
+        kfe_opt.sample_fisher(out, exp.config.loss_kind, generator, LOSS_REDUCTION)
     loss = exp.loss(out, x, y)
     loss.backward()
     opt.step()
