@@ -71,7 +71,8 @@ class KFEConfigBase(BaseModel):
     ``None``: the first batch's factors themselves (Martens & Grosse's start)."""
     fisher: Literal["empirical", "true"] = "empirical"
     """``empirical``: training labels, no extra call; ``true``: labels sampled from the
-    model (call ``optimizer.sample_fisher(output, kind)`` before ``loss.backward()``)."""
+    model (call ``optimizer.sample_fisher(output, kind, reduction=...)`` before
+    ``loss.backward()``). YAML's unquoted ``true`` (a boolean) is read as ``"true"``."""
     batch_averaged: bool = True
     """The loss is a mean over the batch (captured gradients are rescaled by ``n``)."""
     eigensolver: Literal["eigh", "power_qr"] = "eigh"
@@ -102,6 +103,8 @@ class KFEConfigBase(BaseModel):
         if not isinstance(data, Mapping):
             return data
         data = dict(data)
+        if data.get("fisher") is True:  # YAML reads an unquoted ``fisher: true`` as a bool
+            data["fisher"] = "true"
         registry = cls._registry
         for key, known, kind, plural in (
             ("rule", registry.rules, "rule", "rules"),

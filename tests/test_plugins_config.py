@@ -198,3 +198,13 @@ def test_config_is_frozen_and_loads_from_files(registry, tmp_path) -> None:
     opt = KFEOptimizer(nn.Linear(2, 2), cfg, registry=registry, damping=0.2)
     assert opt.param_groups[0]["damping"] == 0.2 and opt.param_groups[0]["lr"] == 0.5
     assert config_model(registry) is config_model(registry)
+
+
+def test_yaml_boolean_true_reads_as_the_true_fisher(registry, tmp_path) -> None:
+    """``fisher: true`` unquoted is a YAML boolean; it means the true Fisher, while
+    ``false`` is no Fisher kind and is refused naming the field and its values."""
+    (tmp_path / "t.yaml").write_text("fisher: true\n")
+    (tmp_path / "f.yaml").write_text("fisher: false\n")
+    assert load_config(tmp_path / "t.yaml", registry).fisher == "true"
+    with pytest.raises(ValidationError, match="fisher\n  Input should be 'empirical' or 'true'"):
+        load_config(tmp_path / "f.yaml", registry)
