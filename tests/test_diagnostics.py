@@ -142,6 +142,40 @@ def test_true_fisher_bce_and_mc_samples(registry) -> None:
     torch.testing.assert_close(grads, expected)
 
 
+@pytest.mark.parametrize(
+    ("reduction", "batch_averaged"), [("mean", True), ("sum", True), ("sum", False)]
+)
+def test_true_fisher_follows_the_loss_reduction(registry, reduction, batch_averaged) -> None:
+    """The sampled labels' loss is reduced as the training loss is: each example's
+    outputs by ``reduction``, the batch by ``batch_averaged``; ``G_i`` is then the
+    gradient of example ``i``'s own loss (BCE summed over its outputs for ``"sum"``)."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 6)).to(DT)
+    X, Y = torch.randn(5, 3, dtype=DT), torch.rand(5, 6, dtype=DT)
+    opt = KFEOptimizer(
+        model, rule="kfac", fisher="true", batch_averaged=batch_averaged, registry=registry
+    )
+    grads = layer_gradients(
+        opt,
+        model,
+        _bce,
+        (X, Y),
+        ["0", "2"],
+        loss_kind="bce",
+        reduction=reduction,
+        generator=torch.Generator().manual_seed(5),
+    )
+    with torch.no_grad():
+        y = _sampled_labels(model(X), "bce", torch.Generator().manual_seed(5))
+
+    def per_example(out: Tensor, target: Tensor) -> Tensor:
+        terms = F.binary_cross_entropy_with_logits(out, target, reduction="none")
+        return terms.mean() if reduction == "mean" else terms.sum()
+
+    for layer in ("0", "2"):
+        expected = brute.per_example_layer_grads(model, layer, per_example, X, y)
+        torch.testing.assert_close(grads[layer], expected)
+
+
 def _digits(n_train: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     datasets = pytest.importorskip("sklearn.datasets", reason="scikit-learn (dev extra) is needed")
     X, y = datasets.load_digits(return_X_y=True)
