@@ -52,14 +52,16 @@ class LayerBlock:
 
     def augment(self, x: Tensor) -> Tensor:
         """Append the homogeneous coordinate (a column of ones) when there is a bias, then
-        zero columns up to a multiple of :data:`kfe.basis.PAD_MULTIPLE` (one allocation;
-        BLAS is slow on odd sizes). Statistics cut the padding off their results."""
-        width = x.shape[-1] + (self.bias is not None)
+        zero columns up to a multiple of :data:`kfe.basis.PAD_MULTIPLE` (one allocation,
+        each entry written once; BLAS is slow on odd sizes). Statistics cut the padding
+        off their results."""
+        d = x.shape[-1]
+        width = d + (self.bias is not None)
         padded = width + (-width) % PAD_MULTIPLE
-        if padded == x.shape[-1]:
+        if padded == d:
             return x
-        out = x.new_zeros(*x.shape[:-1], padded)
-        out[..., : x.shape[-1]] = x
-        if self.bias is not None:
-            out[..., x.shape[-1]] = 1
+        out = x.new_empty(*x.shape[:-1], padded)  # each entry written once
+        out[..., :d] = x
+        out[..., d:width] = 1
+        out[..., width:] = 0
         return out

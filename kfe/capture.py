@@ -27,10 +27,10 @@ from typing import Literal, get_args
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.profiler import record_function
 from torch.utils.hooks import RemovableHandle
 
 from kfe.block import LayerBlock
+from kfe.profiling import phase
 
 __all__ = ["Captured", "CurvatureCapture", "LossKind", "Reduction", "sample_loss"]
 
@@ -128,7 +128,7 @@ class CurvatureCapture:
         def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
             if not self.active or not torch.is_grad_enabled() or not output.requires_grad:
                 return
-            with record_function("kfe/capture"):
+            with phase("kfe/capture"):
                 store = self.captured[block]
                 slot = len(store.inputs)
                 assert block.adapter is not None
@@ -144,7 +144,7 @@ class CurvatureCapture:
         return hook
 
     def _store_grad(self, block: LayerBlock, store: Captured, slot: int, grad: Tensor) -> None:
-        with record_function("kfe/capture"):
+        with phase("kfe/capture"):
             assert block.adapter is not None and block.module is not None
             store.grads[slot] = block.adapter.output_grads(block.module, grad.detach())
 

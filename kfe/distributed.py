@@ -41,7 +41,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.autograd.profiler import record_function
+
+from kfe.profiling import phase
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
@@ -223,7 +224,7 @@ class Communicator:
         is ``sum / count`` (fresh tensors, not views of the buffer), or ``None`` where
         no rank had it.
         """
-        with record_function("kfe/comm"):
+        with phase("kfe/comm"):
             return self._average(entries, what, step)
 
     def _average(
@@ -284,7 +285,7 @@ class Communicator:
             if owner == self.rank:
                 for k in keys:
                     results[k] = solve(k)  # outside "kfe/comm": the solver opens "kfe/eigh"
-            with record_function("kfe/comm"):
+            with phase("kfe/comm"):
                 if owner == self.rank:
                     buffer = _pack([results[k] for k in keys], [sizes[k] for k in keys], first)
                 else:
@@ -294,7 +295,7 @@ class Communicator:
                     # our group spans every rank, so its ranks are the global ranks
                     work = dist.broadcast(buffer, owner, group=self.group, async_op=True)
             pending.append((owner, keys, buffer, work))
-        with record_function("kfe/comm"):
+        with phase("kfe/comm"):
             for owner, keys, buffer, work in pending:
                 with self._guard("broadcast", what, step, buffer, src=owner, count=False):
                     self._wait(work)

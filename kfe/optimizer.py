@@ -35,7 +35,6 @@ from typing import Any, NamedTuple, cast
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.profiler import record_function
 
 from kfe import state_keys as K
 from kfe.basis import Eigenbasis, _match
@@ -44,6 +43,7 @@ from kfe.capture import CurvatureCapture, LossKind, Reduction
 from kfe.config import KFEConfigBase, config_model
 from kfe.distributed import Communicator, Solved, assign_owners, world
 from kfe.eigh import power_qr, robust_eigh
+from kfe.profiling import phase
 from kfe.registry import Registry, default_registry
 from kfe.rule import BasisPolicy, Rule, RuleContext, Statistic
 from kfe.source import BasisSource
@@ -345,7 +345,7 @@ class KFEOptimizer(torch.optim.Optimizer):
         (BCE summed over pixels); see :func:`kfe.capture.sample_loss`. A mismatch puts
         the true Fisher on another scale than the loss (by ``k^2`` for ``k`` terms).
         """
-        with record_function("kfe/capture"):
+        with phase("kfe/capture"):
             self.capture.sample_fisher(output, kind, generator, reduction)
 
     # -- the torch.optim contract -------------------------------------------------
@@ -388,7 +388,7 @@ class KFEOptimizer(torch.optim.Optimizer):
         for job in jobs:
             hold(self._block_update(job))
         for p, group in fallbacks:
-            with record_function("kfe/fallback"):
+            with phase("kfe/fallback"):
                 hold(self._fallback_step(p, group))
         if cfg.kl_clip is not None:
             self._clip_kl(pending, cfg.kl_clip)
@@ -485,7 +485,7 @@ class KFEOptimizer(torch.optim.Optimizer):
         """Batch factors of every block, averaged over ranks if they come from local
         data (captures; Shampoo's come from the already averaged gradient), then the EMAs.
         """
-        with record_function("kfe/factors"):
+        with phase("kfe/factors"):
             found = [self.source.batch_factors(job.grad, _per_example(job)) for job in jobs]
         comm = self.communicator
         if comm.active and self.source.needs_capture:
@@ -495,7 +495,7 @@ class KFEOptimizer(torch.optim.Optimizer):
                 lambda g: [(g.shape[1], g.shape[1]), (g.shape[0], g.shape[0])],
                 "factor statistics",
             )
-        with record_function("kfe/factors"):
+        with phase("kfe/factors"):
             for job, factors in zip(jobs, found, strict=True):
                 if factors is not None:
                     self._fold_factors(job.block, job.st, factors[0], factors[1])
@@ -579,7 +579,7 @@ class KFEOptimizer(torch.optim.Optimizer):
             factors = [job.st[_FACTOR[side]] for job, side in tasks]
 
             def solve(k: int) -> Solved:
-                with record_function("kfe/eigh"):
+                with phase("kfe/eigh"):
                     return self._solve(*tasks[k])
 
             solved = comm.broadcast_from_owners(
@@ -591,9 +591,9 @@ class KFEOptimizer(torch.optim.Optimizer):
                 step=self._step,
             )
         else:
-            with record_function("kfe/eigh"):
+            with phase("kfe/eigh"):
                 solved = [self._solve(job, side) for job, side in tasks]
-        with record_function("kfe/eigh"):
+        with phase("kfe/eigh"):
             for i, job in enumerate(due):
                 job.refreshed = self._adopt(job, solved[2 * i], solved[2 * i + 1])
 
@@ -665,14 +665,14 @@ class KFEOptimizer(torch.optim.Optimizer):
         if not due:
             return
         found: list[Tensor | None] = []
-        with record_function("kfe/lambda"):
+        with phase("kfe/lambda"):
             reusable = [job for job in due if job.pairs and self._fast(job) is not None]
             in_captures = dict(zip(reusable, self._gradients_in_captures(reusable), strict=True))
         for job in due:
             fast = self._fast(job)
             squares = None
             if job.pairs:
-                with record_function("kfe/lambda"):
+                with phase("kfe/lambda"):
                     moments = kfe_moments(
                         job.pairs,
                         fast.U_B if fast else None,
@@ -756,18 +756,18 @@ class KFEOptimizer(torch.optim.Optimizer):
         ctx = self._context(group, job.current, job.squares, st.get(K.BASIS_PRIOR))
         if job.refreshed is not None:
             rule_state = self._change_basis(rule_state, job, grad, ctx)
-        with record_function("kfe/rule"):
+        with phase("kfe/rule"):
             shortcut = self.rule.precondition(grad, rule_state, ctx)
         if shortcut is not None:
             direction, rule_state = shortcut
         else:
-            with record_function("kfe/project"):
+            with phase("kfe/project"):
                 projected = job.projected
                 if projected is None:
                     projected = fast.project(grad) if fast else grad
-            with record_function("kfe/rule"):
+            with phase("kfe/rule"):
                 projected, rule_state = self.rule.update(projected, rule_state, ctx)
-            with record_function("kfe/unproject"):
+            with phase("kfe/unproject"):
                 direction = fast.unproject(projected) if fast else projected
         st[K.RULE] = self.rule.state_to_dict(rule_state)
         return _Update(st, group, direction, block.params, block.split, grad)
@@ -786,7 +786,7 @@ class KFEOptimizer(torch.optim.Optimizer):
         elif policy == "rotate" and self.rule.rotatable:
             old = job.old_fast or job.basis.padded()
             fields = [f for f in self.rule.rotatable if getattr(rule_state, f) is not None]
-            with record_function("kfe/rotate"):
+            with phase("kfe/rotate"):
                 rotate = old.rotator_to(cast(Eigenbasis, self._fast(job)), len(fields))
                 # contiguous, as a resumed run holds them (loaded tensors are dense): a
                 # strided view would reach BLAS with another leading dimension, and the
@@ -822,7 +822,7 @@ class KFEOptimizer(torch.optim.Optimizer):
         """
         if not updates:
             return
-        with record_function("kfe/rule"):
+        with phase("kfe/rule"):
             terms = [(u.direction * u.grad).sum() * u.group["lr"] ** 2 for u in updates]
             total = torch.stack([t.to(updates[0].direction.device) for t in terms]).sum()
             nu = (kl_clip / total.clamp(min=torch.finfo(total.dtype).tiny)).sqrt().clamp(max=1)

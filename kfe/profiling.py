@@ -112,7 +112,8 @@ def phase(name: str) -> contextlib.AbstractContextManager[Any]:
     ``torch.autograd._profiler_enabled()`` first (about 0.3 us). Any profiler started
     through torch (``torch.profiler.profile``, ``emit_nvtx``) turns it on; a
     ``RecordFunction`` observer registered outside torch's profiler API would not see
-    these ranges. Not used by the optimizer yet (a drop-in for its ranges).
+    these ranges. The optimizer, the capture hooks and the collectives use it for
+    every ``kfe/*`` range.
     """
     return record_function(name) if torch.autograd._profiler_enabled() else _IDLE
 

@@ -48,3 +48,18 @@ def _walk(value):
             yield from _walk(v)
     else:
         yield value
+
+
+def test_step_floor_quick(tmp_path: Path) -> None:
+    out = tmp_path / "floor.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "step_floor.py"), "--quick", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    numbers = json.loads(out.read_text())["ms_and_ratios"]
+    assert set(numbers) >= {"plain_step", "factor_step", "matmuls", "adam", "matmul_floor"}
+    assert all(math.isfinite(v) and v > 0 for v in numbers.values())
