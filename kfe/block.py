@@ -50,17 +50,18 @@ class LayerBlock:
             return [matrix.reshape(self.weight.shape)]
         return [matrix[:, :-1].reshape(self.weight.shape), matrix[:, -1]]
 
-    def augment(self, x: Tensor) -> Tensor:
+    def augment(self, x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         """Append the homogeneous coordinate (a column of ones) when there is a bias, then
         zero columns up to a multiple of :data:`kfe.basis.PAD_MULTIPLE` (one allocation,
-        each entry written once; BLAS is slow on odd sizes). Statistics cut the padding
-        off their results."""
+        each entry written once; BLAS is slow on odd sizes), in ``dtype`` (default:
+        ``x``'s; an input captured under autocast is cast in the same copy). Statistics
+        cut the padding off their results."""
         d = x.shape[-1]
         width = d + (self.bias is not None)
         padded = width + (-width) % PAD_MULTIPLE
         if padded == d:
-            return x
-        out = x.new_empty(*x.shape[:-1], padded)  # each entry written once
+            return x if dtype is None else x.to(dtype)
+        out = x.new_empty(*x.shape[:-1], padded, dtype=dtype)  # each entry written once
         out[..., :d] = x
         out[..., d:width] = 1
         out[..., width:] = 0

@@ -27,6 +27,7 @@ parameter space (the identity basis).
 from __future__ import annotations
 
 import itertools
+import math
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -356,12 +357,25 @@ class KFEOptimizer(torch.optim.Optimizer):
         self.capture.clear()
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+    def step(
+        self, closure: Callable[[], Any] | None = None, *, loss_scale: float | None = None
+    ) -> Any:
         """One optimisation step; ``closure`` re-evaluates the model and returns the loss.
 
         Under DDP the gradients are already averaged, so every rank takes the same
         decision on a non-finite gradient (skip the step, touch nothing).
+
+        Args:
+            closure: re-evaluates the model and returns the loss (optional).
+            loss_scale: the factor the training loss was multiplied by before
+                ``backward()`` (a ``torch.amp.GradScaler``'s scale:
+                ``scaler.step(opt, loss_scale=scaler.get_scale())``). The scaler unscales
+                ``.grad`` but cannot reach the captured output gradients; they are
+                divided by it here (empirical Fisher only: the true Fisher's come from
+                :meth:`sample_fisher`'s own unscaled backward). Default: 1.
         """
+        if loss_scale is not None and not (0 < float(loss_scale) < math.inf):
+            raise ValueError(f"loss_scale: must be a positive finite number, not {loss_scale!r}")
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -374,7 +388,8 @@ class KFEOptimizer(torch.optim.Optimizer):
         if self._comm is None:
             self._comm = Communicator.resolve(self.config.comm_timeout_s)
         cfg = self.config
-        jobs, fallbacks = self._start_jobs()
+        unscale = 1.0 if loss_scale is None or cfg.fisher != "empirical" else 1 / loss_scale
+        jobs, fallbacks = self._start_jobs(float(unscale))
         if self._due(cfg.factor_every):
             self._factor_phase(jobs)
         if self._due(cfg.basis_every):
@@ -448,7 +463,9 @@ class KFEOptimizer(torch.optim.Optimizer):
             self._warned.add(key)
             warnings.warn(message, RuntimeWarning, stacklevel=3)
 
-    def _start_jobs(self) -> tuple[list[_Job], list[tuple[Tensor, dict[str, Any]]]]:
+    def _start_jobs(
+        self, unscale: float = 1.0
+    ) -> tuple[list[_Job], list[tuple[Tensor, dict[str, Any]]]]:
         """Blocks with a gradient (in parameter order) and the fallback parameters."""
         jobs, fallbacks = [], []
         for group in self.param_groups:
@@ -456,13 +473,18 @@ class KFEOptimizer(torch.optim.Optimizer):
                 block = self._block_of_weight.get(p)
                 if block is not None:
                     if any(q.grad is not None for q in block.params):
-                        jobs.append(self._start(block, group))
+                        jobs.append(self._start(block, group, unscale))
                 elif p.grad is not None and p not in self._bias_params:
                     fallbacks.append((p, group))
         return jobs, fallbacks
 
-    def _start(self, block: LayerBlock, group: dict[str, Any]) -> _Job:
-        """The block's gradient matrix and captures (its state created on first use)."""
+    def _start(self, block: LayerBlock, group: dict[str, Any], unscale: float = 1.0) -> _Job:
+        """The block's gradient matrix and captures (its state created on first use).
+
+        Captures are brought to the gradient's dtype (under autocast a layer sees and
+        returns low-precision tensors while ``.grad`` is in the parameter's dtype) and
+        their ``g`` multiplied by ``unscale`` (``1 / loss_scale``), a copy only where
+        either applies."""
         st = self.state[block.weight]
         grad = block.matrix(
             *(torch.zeros_like(p) if p.grad is None else p.grad for p in block.params)
@@ -475,7 +497,14 @@ class KFEOptimizer(torch.optim.Optimizer):
             st[K.REFRESHES] = 0
         pairs = []
         if block.tracked:
-            pairs = [(block.augment(x), g) for x, g in self.capture.pop(block)]
+            dtype = grad.dtype
+            pairs = [
+                (
+                    block.augment(x, dtype),
+                    g.to(dtype) if unscale == 1 else g.to(dtype, copy=True).mul_(unscale),
+                )
+                for x, g in self.capture.pop(block)
+            ]
         scales = [self.capture.example_scale(g) for _, g in pairs]
         return _Job(block, group, st, grad, pairs, scales, Eigenbasis(**st[K.BASIS]))
 

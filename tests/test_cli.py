@@ -74,6 +74,23 @@ def test_train_writes_metrics_checkpoint_and_summary(tmp_path: Path) -> None:
     assert saved["optimizer"]["rule"]["name"] == "ekfac"
 
 
+def test_bfloat16_precision_trains_under_autocast(tmp_path: Path) -> None:
+    """``precision: bfloat16`` runs the forward passes under autocast (the losses differ
+    from the float32 run's), still trains, and keeps the parameters float32."""
+    config = write(tmp_path / "tiny.yaml", {**TINY, "epochs": 1})
+    runs = {}
+    for precision in ("float32", "bfloat16"):
+        out = tmp_path / precision
+        done = kfe("train", config, "--out", out, "--set", f"precision={precision}", cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        runs[precision] = [r["train_loss"] for r in rows(out)]
+    low = runs["bfloat16"]
+    assert low[-1] < low[0]
+    assert low != runs["float32"]
+    saved = torch.load(tmp_path / "bfloat16" / "checkpoint.pt", weights_only=True)
+    assert all(v.dtype == torch.float32 for v in saved["model"].values())
+
+
 def test_resume_equals_uninterrupted(tmp_path: Path) -> None:
     config = write(tmp_path / "tiny.yaml", TINY)
     whole = kfe("train", config, "--out", tmp_path / "whole", cwd=tmp_path)
@@ -164,6 +181,7 @@ BAD_CONFIGS = [
     ({"data": {"name": "cifar10", "data_dir": "EMPTY"}}, "data.name", "cifar"),  # missing data
     ({"data": {"name": "imagenet"}}, "data.name", "mnist"),  # unknown dataset: lists them
     ({"optimizer": {"type": "torch", "name": "sgd", "lr": -1}}, "optimizer.lr", "0"),
+    ({"precision": "float16"}, "precision", "bfloat16"),  # not a listed value
 ]
 
 

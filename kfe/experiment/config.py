@@ -174,6 +174,9 @@ class ExperimentConfigBase(BaseModel):
     """``auto``: CUDA when available (under torchrun: the local rank's GPU)."""
     threads: PositiveInt | None = None
     """``torch.set_num_threads`` (default: torch's choice)."""
+    precision: Literal["float32", "bfloat16"] = "float32"
+    """``bfloat16``: forward passes under ``torch.autocast`` in bfloat16 (parameters,
+    gradients, the loss and the optimizer state stay float32); evaluation too."""
     epochs: PositiveInt = 10
     """Passes over the training set."""
     max_steps: PositiveInt | None = None

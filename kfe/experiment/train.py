@@ -45,7 +45,7 @@ from kfe.experiment.config import (
 from kfe.experiment.setup import LOSS_REDUCTION, Experiment, build_experiment
 from kfe.registry import Registry
 
-__all__ = ["batches", "evaluate", "train", "train_step"]
+__all__ = ["autocast", "batches", "evaluate", "train", "train_step"]
 
 RESUMABLE_CHANGES = frozenset({"epochs", "max_steps", "progress", "tensorboard", "name"})
 """Config fields that may differ between a checkpoint and the run that resumes it."""
@@ -68,13 +68,22 @@ def batches(exp: Experiment, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
         yield data.x_train[idx], data.y_train[idx]
 
 
+def autocast(exp: Experiment) -> torch.autocast:
+    """The forward pass's autocast context: bfloat16 where ``precision`` asks for it."""
+    return torch.autocast(
+        exp.device.type, dtype=torch.bfloat16, enabled=exp.config.precision == "bfloat16"
+    )
+
+
 def train_step(
     exp: Experiment, x: Tensor, y: Tensor, generator: torch.Generator | None = None
 ) -> Tensor:
     """One optimizer step on a minibatch; returns the detached loss (no host sync)."""
     opt = exp.optimizer
     opt.zero_grad(set_to_none=True)
-    out = exp.model(x)
+    with autocast(exp):
+        out = exp.model(x)
+    out = out.float()
     kfe_opt = exp.kfe
     if kfe_opt is not None and exp.true_fisher:
         kfe_opt.sample_fisher(out, exp.config.loss_kind, generator, LOSS_REDUCTION)
@@ -94,7 +103,9 @@ def evaluate(exp: Experiment, x: Tensor, y: Tensor) -> tuple[float, float | None
     correct = torch.zeros((), dtype=torch.float64, device=x.device)
     for start in range(0, len(x), size):
         xb, yb = x[start : start + size], y[start : start + size]
-        out = module(xb)
+        with autocast(exp):
+            out = module(xb)
+        out = out.float()
         total += exp.loss(out, xb, yb).double() * len(xb)
         if exp.config.loss_kind == "cross_entropy":
             correct += (out.argmax(-1) == yb).sum()
