@@ -497,6 +497,8 @@ class KFEOptimizer(torch.optim.Optimizer):
             st[K.REFRESHES] = 0
         pairs = []
         if block.tracked:
+            if self.capture.active:
+                self._check_captured(block)
             dtype = grad.dtype
             pairs = [
                 (
@@ -507,6 +509,30 @@ class KFEOptimizer(torch.optim.Optimizer):
             ]
         scales = [self.capture.example_scale(g) for _, g in pairs]
         return _Job(block, group, st, grad, pairs, scales, Eigenbasis(**st[K.BASIS]))
+
+    def _check_captured(self, block: LayerBlock) -> None:
+        """Warn (once per layer) when a layer whose weight has a gradient captured nothing
+        on a statistics step: its basis and statistics then stay as they were."""
+        store = self.capture.captured[block]
+        if store.pairs():
+            return
+        if not store.inputs:
+            why = (
+                "its forward hook saw no input since the last zero_grad (zero_grad between "
+                "forward and backward, or a forward that bypasses the module and uses its "
+                "weight directly?)"
+            )
+        else:
+            why = (
+                "no output gradient arrived (with fisher='true', call "
+                "opt.sample_fisher(output, kind) after the forward when "
+                "opt.wants_statistics)"
+            )
+        self._warn_once(
+            f"capture:{block.name}",
+            f"layer {block.name!r} has a gradient but captured nothing on a statistics step: "
+            f"{why}; its factors, basis and per-example statistics are not updated",
+        )
 
     # phase 2: factors
 

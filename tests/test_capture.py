@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -225,9 +227,61 @@ def test_zero_grad_between_forward_and_backward_drops_that_capture() -> None:
     out = model(x)
     opt.zero_grad()
     out.square().mean().backward()
-    opt.step()  # no capture this step: factors stay unset, parameters still move
+    with pytest.warns(RuntimeWarning, match="zero_grad between forward and backward"):
+        opt.step()  # no capture this step: factors stay unset, parameters still move
     assert "factor_A" not in opt.state[model[0].weight]
     opt.zero_grad()
     model(x).square().mean().backward()
     opt.step()
     assert "factor_A" in opt.state[model[0].weight]
+
+
+def test_attention_out_proj_is_left_to_the_fallback(registry) -> None:
+    """``nn.MultiheadAttention`` never calls ``out_proj``'s forward: the layer is not
+    tracked (no silent identity basis), its weight takes the fallback rule like the
+    attention's ``in_proj_weight``, and no capture warning is raised."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True),
+        nn.Linear(16, 4),
+    )
+    opt = KFEOptimizer(model, registry=registry, lr=1e-2, factor_every=1, basis_every=1)
+    names = [b.name for b in opt.blocks]
+    assert names == ["0.linear1", "0.linear2", "1"]
+    out_proj = model[0].self_attn.out_proj.weight
+    before = out_proj.detach().clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            one_step(model, opt, lambda o: o.square().mean(), torch.randn(8, 5, 16))
+    assert not torch.equal(out_proj, before)
+    assert all(opt.state[model[0].get_submodule(n[2:]).weight]["refreshes"] == 2 for n in names[:2])
+
+
+def test_a_bypassed_forward_warns_naming_the_layer(registry) -> None:
+    """A layer whose weight is used without calling its forward gets a gradient but no
+    capture: the step says so once, naming the layer."""
+
+    class Bypass(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = nn.Linear(4, 3)
+            self.head = nn.Linear(3, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.tanh(nn.functional.linear(x, self.inner.weight)))
+
+    model = Bypass()
+    opt = KFEOptimizer(model, registry=registry, lr=1e-2, factor_every=1)
+    with pytest.warns(RuntimeWarning, match=r"layer 'inner' .*saw no input") as seen:
+        for _ in range(3):
+            one_step(model, opt, lambda o: o.square().mean(), torch.randn(8, 4))
+    assert sum("captured nothing" in str(w.message) for w in seen) == 1  # once, not per step
+    assert inspect_layer(opt, model.head).A is not None
+
+
+def test_true_fisher_without_sample_fisher_warns_naming_the_call(registry) -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    opt = KFEOptimizer(model, registry=registry, fisher="true", lr=1e-2, factor_every=1)
+    with pytest.warns(RuntimeWarning, match="sample_fisher"):
+        one_step(model, opt, lambda o: o.square().mean(), torch.randn(8, 4))
