@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 __all__ = ["LayerAdapter"]
 
@@ -37,10 +38,14 @@ class LayerAdapter:
         """``None`` if the module can be tracked, else the reason it cannot."""
         return None
 
-    def weight(self, module: nn.Module) -> nn.Parameter:
-        weight = module.weight
-        assert isinstance(weight, nn.Parameter)
-        return weight
+    def weight(self, module: nn.Module) -> nn.Parameter | None:
+        """The layer's weight parameter, or ``None`` when the weight is computed (by
+        ``torch.nn.utils.parametrize``: weight norm, spectral norm...): a gradient with
+        respect to it belongs to no parameter, so the layer is not tracked."""
+        if parametrize.is_parametrized(module, "weight"):
+            return None
+        weight = getattr(module, "weight", None)
+        return weight if isinstance(weight, nn.Parameter) else None
 
     def bias(self, module: nn.Module) -> nn.Parameter | None:
         bias = getattr(module, "bias", None)

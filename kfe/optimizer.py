@@ -57,18 +57,53 @@ def find_blocks(
     model: nn.Module, registry: Registry, params: set[nn.Parameter], source: BasisSource
 ) -> list[LayerBlock]:
     """The blocks of ``model``: layers with an adapter whose weight is optimised, then
-    (if ``source`` covers them) every other optimised parameter with at least two dims."""
-    blocks = []
+    (if ``source`` covers them) every other optimised parameter with at least two dims.
+
+    A weight shared by several such layers is tracked by none of them (one block cannot
+    hold two layers' captures and biases): it and their biases are left to the fallback
+    rule (or to a source that covers untracked parameters), with a warning naming them.
+    """
+    found = []
+    computed = []
     for name, module in model.named_modules():
         adapter = registry.adapter_for(module)
         if adapter is None or adapter.supports(module) is not None:
             continue
-        weight, bias = adapter.weight(module), adapter.bias(module)
-        if weight not in params:
+        name = name or type(module).__name__
+        weight = adapter.weight(module)
+        if weight is None:
+            if any(p in params for p in module.parameters()):
+                computed.append(name)
+        elif weight in params:
+            found.append((name, module, adapter, weight))
+    if computed:
+        warnings.warn(
+            f"layers {computed} compute their weight (torch.nn.utils.parametrize): not "
+            "tracked; their parameters take the fallback rule (unless the basis covers "
+            "untracked parameters)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    users: dict[nn.Parameter, list[str]] = defaultdict(list)
+    for name, _, _, weight in found:
+        users[weight].append(name)
+    blocks = []
+    for name, module, adapter, weight in found:
+        bias = adapter.bias(module)
+        if len(users[weight]) > 1:
             continue
         if bias is not None and bias not in params:
             bias = None  # a frozen bias is a constant shift, not a parameter of the block
-        blocks.append(LayerBlock(name or type(module).__name__, module, adapter, weight, bias))
+        blocks.append(LayerBlock(name, module, adapter, weight, bias))
+    for names in users.values():
+        if len(names) > 1:
+            warnings.warn(
+                f"layers {names} share one weight: none of them is tracked; the weight and "
+                "their biases are untracked parameters (the fallback rule, unless the basis "
+                "covers untracked parameters)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
     if source.covers_untracked:
         taken = {p for b in blocks for p in b.params}
         for name, p in model.named_parameters():

@@ -285,3 +285,43 @@ def test_true_fisher_without_sample_fisher_warns_naming_the_call(registry) -> No
     opt = KFEOptimizer(model, registry=registry, fisher="true", lr=1e-2, factor_every=1)
     with pytest.warns(RuntimeWarning, match="sample_fisher"):
         one_step(model, opt, lambda o: o.square().mean(), torch.randn(8, 4))
+
+
+def test_a_weight_shared_by_two_layers_is_left_to_the_fallback(registry) -> None:
+    """Two ``nn.Linear`` holding one weight cannot form one block (two layers' captures,
+    two biases): neither is tracked, a warning names both, and the shared weight and both
+    biases take the fallback rule (``sgd``: ``p - lr * grad``) instead of one bias never
+    moving."""
+    torch.manual_seed(0)
+    first, second = nn.Linear(4, 4), nn.Linear(4, 4)
+    second.weight = first.weight
+    model = nn.Sequential(first, nn.Tanh(), second, nn.Tanh(), nn.Linear(4, 2))
+    with pytest.warns(RuntimeWarning, match=r"layers \['0', '2'\] share one weight"):
+        opt = KFEOptimizer(model, registry=registry, lr=0.1, factor_every=1, basis_every=1)
+    assert [b.name for b in opt.blocks] == ["4"]
+    model(torch.randn(16, 4)).square().mean().backward()
+    shared = [first.weight, first.bias, second.bias]
+    expected = [(p - 0.1 * p.grad).detach() for p in shared]
+    opt.step()
+    for p, e in zip(shared, expected, strict=True):
+        torch.testing.assert_close(p.detach(), e, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("norm", ["weight_norm", "spectral_norm"])
+def test_a_parametrized_weight_is_left_to_the_fallback(registry, norm: str) -> None:
+    """A layer whose weight is computed by ``torch.nn.utils.parametrize`` has no weight
+    parameter to precondition (construction used to fail on an assert): it is not
+    tracked, a warning names it, and its parameters take the fallback rule exactly."""
+    torch.manual_seed(0)
+    wrap = getattr(torch.nn.utils.parametrizations, norm)
+    model = nn.Sequential(wrap(nn.Linear(6, 10)), nn.Tanh(), nn.Linear(10, 3))
+    with pytest.warns(RuntimeWarning, match=r"layers \['0'\] compute their weight"):
+        opt = KFEOptimizer(model, registry=registry, lr=0.1, factor_every=1, basis_every=1)
+    assert [b.name for b in opt.blocks] == ["2"]
+    model(torch.randn(16, 6)).square().mean().backward()
+    own = [p for p in model[0].parameters() if p.grad is not None]
+    assert len(own) >= 2  # the parametrization's originals and the bias
+    expected = [(p - 0.1 * p.grad).detach() for p in own]
+    opt.step()
+    for p, e in zip(own, expected, strict=True):
+        torch.testing.assert_close(p.detach(), e, rtol=0, atol=1e-7)
