@@ -81,8 +81,10 @@ class KFEConfigBase(BaseModel):
     approximate, and the eigenvector order follows the previous basis."""
     eigh_dtype: Literal["float32", "float64"] | None = None
     """Dtype of the first ``eigh`` try (default: the factor's); float64 is the retry."""
-    lambda_chunk_mb: PositiveInt = 64
-    """Memory cap (MiB) on per-example projected gradients with several positions."""
+    lambda_chunk_mb: PositiveInt = 8
+    """Memory cap (MiB) on the temporaries of Lambda with several positions per example
+    (per-example projected gradients, or products of position pairs); small enough to
+    stay in a CPU's last-level cache (64 was 2.5x slower on conv-sized blocks)."""
     kl_clip: PositiveFloat | None = None
     """K-FAC's KL clipping (Ba et al., 2017; KAISA): scale all directions by
     ``min(1, sqrt(kl_clip / sum_p lr^2 <D_p, grad_p>))``, a trust region that lets small

@@ -19,8 +19,21 @@ otherwise. The EKFAC diagonal is the per-example second moment in the KFE,
 
 For ``T = 1`` this is ``(1/n) (g U_B)^{2\\top} (x U_A)^2``: two thin matmuls and one
 product of squares, never a ``(n, d_out, d_in)`` tensor. For ``T > 1`` the sum over
-``t`` must come before squaring, so per-example projected gradients are formed in
-chunks of the batch whose size keeps them under ``chunk_bytes``.
+``t`` comes before squaring. With ``a = g U_B``, ``b = x U_A``,
+
+.. math::
+
+    \\Lambda_{jk} = \\frac1n \\sum_i \\sum_{t, t'} a_{itj} a_{it'j}\\, b_{itk} b_{it'k}
+    = \\frac1n \\Big[ \\sum_{i,t} a_{itj}^2 b_{itk}^2
+      + 2 \\sum_i \\sum_{t < t'} (a_{itj} a_{it'j}) (b_{itk} b_{it'k}) \\Big],
+
+one matmul over ``n T (T + 1) / 2`` position pairs (*pairs* route, no per-example
+tensor), or per-example projected gradients ``a_i^T b_i`` formed in chunks of the batch
+under ``chunk_bytes`` and squared (*examples* route). The pairs route does
+``(T + 1) / 2`` times the multiply-adds as one dense matmul; the examples route is bound
+by writing and squaring ``n d_out d_in`` entries. On the 2-core CPU the pairs route is
+7 - 40x faster at ``T <= 4`` and about 2x at ``T = 8`` on conv-sized blocks, and slower
+from ``T = 12`` (``docs/benchmarks.md``), hence :func:`pairs_route`.
 """
 
 from __future__ import annotations
@@ -35,7 +48,7 @@ from kfe.basis import PAD_MULTIPLE
 
 __all__ = ["Moments", "batch_factors", "gram", "kfe_moments"]
 
-DEFAULT_CHUNK_BYTES = 64 * 2**20
+DEFAULT_CHUNK_BYTES = 8 * 2**20
 GRAM_BLOCK = 256
 """Side of the column blocks :func:`gram` splits a wide matrix into."""
 
@@ -98,6 +111,21 @@ class Moments(NamedTuple):
     """``sum_p U_B^T g_p^T x_p U_A`` (the projected gradient), if asked for."""
 
 
+PAIRS_MAX_POSITIONS = 8
+"""Largest ``T`` for which Lambda takes the pairs route (:func:`pairs_route`)."""
+PAIRS_SMALL_BLOCK = 65536
+"""``d_out d_in`` under which the pairs route stops at ``T = 4`` (the examples route's
+per-example tensors then stay in cache)."""
+
+
+def pairs_route(positions: int, d_out: int, d_in: int) -> bool:
+    """Whether Lambda of a block with ``positions`` per example sums over position pairs
+    (one matmul) rather than forming per-example projected gradients (see the module
+    doc); ``T = 1`` always takes it."""
+    limit = PAIRS_MAX_POSITIONS if d_out * d_in >= PAIRS_SMALL_BLOCK else 4
+    return positions <= limit
+
+
 def kfe_moments(
     pairs: Sequence[tuple[Tensor, Tensor]],
     U_B: Tensor | None,
@@ -148,13 +176,21 @@ def kfe_moments(
                 else projected
             )
             projected = torch.addmm(into, rows_g.mT, rows_x, beta=0 if k == 0 else 1)
-        if T == 1:
+        if pairs_route(T, gp.shape[-1], xp.shape[-1]):
+            if T > 1:  # the cross pairs t < t', before any squaring
+                i, j = torch.triu_indices(T, T, offset=1, device=x.device)
+                if total is None:
+                    total = x.new_zeros(gp.shape[-1], xp.shape[-1])
+                per_example = len(i) * (gp.shape[-1] + xp.shape[-1]) * x.element_size()
+                step = max(1, chunk_bytes // per_example)
+                for s in range(0, n, step):
+                    gc, xc = gp[s : s + step], xp[s : s + step]
+                    a = (gc[:, i] * gc[:, j]).reshape(-1, gc.shape[-1])
+                    b = (xc[:, i] * xc[:, j]).reshape(-1, xc.shape[-1])
+                    total.addmm_(a.mT, b, alpha=2 * scale)
             # fresh matmul outputs are squared in place; captured tensors are not touched
-            xs, gs = (
-                (xp[:, 0].square_(), gp[:, 0].square_())
-                if rotated
-                else (xp[:, 0].square(), gp[:, 0].square())
-            )
+            xs, gs = (xp.square_(), gp.square_()) if rotated else (xp.square(), gp.square())
+            xs, gs = xs.reshape(-1, xs.shape[-1]), gs.reshape(-1, gs.shape[-1])
             # the mean's 1/n rides on the matmul; beta=0 ignores the empty first input
             first = total is None
             into = gs.new_empty(gs.shape[-1], xs.shape[-1]) if total is None else total

@@ -50,16 +50,27 @@ def _walk(value):
         yield value
 
 
-def test_step_floor_quick(tmp_path: Path) -> None:
-    out = tmp_path / "floor.json"
+def quick_json(tmp_path: Path, script: str) -> dict:
+    """Run ``benchmarks/<script> --quick --json`` and return what it wrote."""
+    out = tmp_path / "result.json"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "step_floor.py"), "--quick", "--json", str(out)],
+        [sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--json", str(out)],
         capture_output=True,
         text=True,
         cwd=ROOT,
         timeout=600,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    numbers = json.loads(out.read_text())["ms_and_ratios"]
+    return json.loads(out.read_text())
+
+
+def test_step_floor_quick(tmp_path: Path) -> None:
+    numbers = quick_json(tmp_path, "step_floor.py")["ms_and_ratios"]
     assert set(numbers) >= {"plain_step", "factor_step", "matmuls", "adam", "matmul_floor"}
     assert all(math.isfinite(v) and v > 0 for v in numbers.values())
+
+
+def test_conv_step_quick(tmp_path: Path) -> None:
+    data = quick_json(tmp_path, "conv_step.py")["results"]
+    assert set(data) == {"adam", "kfac", "ekfac", "ekfac-batch"}
+    assert all(math.isfinite(v) and v > 0 for r in data.values() for v in r.values())

@@ -334,6 +334,50 @@ def test_ekfac_lambda_two_forwards_one_backward() -> None:
     assert_close(cur.diagonal.reshape(-1), torch.diagonal(U.mT @ F @ U))
 
 
+@pytest.mark.parametrize("positions", [1, 2, 3, 5, 8, 9, 13])
+@pytest.mark.parametrize("route", ["pairs", "examples"])
+@pytest.mark.parametrize("chunk_bytes", [1, 2**20])
+def test_lambda_routes_equal_explicit_per_example_gradients(
+    monkeypatch: pytest.MonkeyPatch, positions: int, route: str, chunk_bytes: int
+) -> None:
+    """Both ways ``kfe_moments`` sums over positions (a matmul over position pairs, or
+    per-example projected gradients) give ``(1/n) sum_i (U_B^T G_i U_A)^2`` with
+    ``G_i = sum_t c_p g_it x_it^T`` written out, for two forwards with their own example
+    scales, in chunks of one example and of the whole batch; the projected gradient is
+    ``sum_p U_B^T g_p^T x_p U_A``."""
+    import kfe.statistics as stats
+
+    limit = 10**6 if route == "pairs" else 0
+    monkeypatch.setattr(stats, "PAIRS_MAX_POSITIONS", limit)
+    monkeypatch.setattr(stats, "PAIRS_SMALL_BLOCK", 0)
+    assert stats.pairs_route(positions, 4, 6) == (route == "pairs")
+    g = torch.Generator().manual_seed(positions)
+    U_A = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=DT))[0]
+    U_B = torch.linalg.qr(torch.randn(4, 4, generator=g, dtype=DT))[0]
+    pairs = [
+        (torch.randn(n, positions, 6, generator=g, dtype=DT),
+         torch.randn(n, positions, 4, generator=g, dtype=DT))
+        for n in (3, 5)
+    ]  # fmt: skip
+    scales = [3.0, 0.5]
+    moments = stats.kfe_moments(
+        [(x.clone(), g_.clone()) for x, g_ in pairs],
+        U_B,
+        U_A,
+        chunk_bytes=chunk_bytes,
+        gradient=True,
+        example_scales=scales,
+    )
+    per_example = torch.cat(
+        [c * torch.einsum("ntj,ntk->njk", g_, x) for (x, g_), c in zip(pairs, scales, strict=True)]
+    )
+    expected = (U_B.mT @ per_example @ U_A).square().mean(0)
+    assert_close(moments.squares, expected)
+    gradient = sum(torch.einsum("ntj,ntk->jk", g_, x) for x, g_ in pairs)
+    assert moments.gradient is not None
+    assert_close(moments.gradient, U_B.mT @ gradient @ U_A)
+
+
 # -- 3. K-FAC update -------------------------------------------------------------------
 
 
