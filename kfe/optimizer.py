@@ -403,11 +403,13 @@ class KFEOptimizer(torch.optim.Optimizer):
         Args:
             closure: re-evaluates the model and returns the loss (optional).
             loss_scale: the factor the training loss was multiplied by before
-                ``backward()`` (a ``torch.amp.GradScaler``'s scale:
-                ``scaler.step(opt, loss_scale=scaler.get_scale())``). The scaler unscales
-                ``.grad`` but cannot reach the captured output gradients; they are
-                divided by it here (empirical Fisher only: the true Fisher's come from
-                :meth:`sample_fisher`'s own unscaled backward). Default: 1.
+                ``backward()``: a ``torch.amp.GradScaler``'s scale
+                (``scaler.step(opt, loss_scale=scaler.get_scale())``; the scaler unscales
+                ``.grad`` but cannot reach the captured output gradients), or ``1 / k``
+                for ``(loss / k).backward()`` on each of ``k`` accumulated micro-batches.
+                The captured output gradients are divided by it (empirical Fisher only:
+                the true Fisher's come from :meth:`sample_fisher`'s own backward).
+                Default: 1.
         """
         if loss_scale is not None and not (0 < float(loss_scale) < math.inf):
             raise ValueError(f"loss_scale: must be a positive finite number, not {loss_scale!r}")

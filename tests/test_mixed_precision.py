@@ -171,3 +171,25 @@ def test_loss_scale_must_be_positive_and_finite(bad: float) -> None:
     model(torch.randn(4, 6)).square().mean().backward()
     with pytest.raises(ValueError, match="loss_scale"):
         opt.step(loss_scale=bad)
+
+
+@pytest.mark.parametrize("rule", RULES[:3], ids=["ekfac", "ekfac-batch", "kfac"])
+def test_accumulation_over_scaled_micro_batches_equals_one_batch(rule: Any) -> None:
+    """Gradient accumulation as usually written, ``(loss / k).backward()`` on each of
+    ``k`` micro-batches, with ``step(loss_scale=1 / k)``: the same factors, Lambda and
+    parameters as one step on the whole batch (the captured ``g`` carry the ``1/k``)."""
+    x, y = torch.randn(32, 6, dtype=torch.float64), torch.randn(32, 3, dtype=torch.float64)
+    results = []
+    for k in (1, 4):
+        model = mlp().double()
+        opt = kfe.KFEOptimizer(model, rule=rule, lr=1e-2, damping=1e-3, **SCHEDULE)
+        for xb, yb in zip(x.chunk(k), y.chunk(k), strict=True):
+            (((model(xb) - yb) ** 2).mean() / k).backward()
+        opt.step(loss_scale=1 / k)
+        layer = kfe.inspect_layer(opt, "2")
+        results.append((list(model.parameters()), layer.A, layer.B, layer.diagonal))
+    (p1, A1, B1, L1), (p4, A4, B4, L4) = results
+    for a, b in [(A1, A4), (B1, B4), *zip(p1, p4, strict=True)]:
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    if L1 is not None:
+        torch.testing.assert_close(L1, L4, rtol=1e-12, atol=1e-14)
