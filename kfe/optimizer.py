@@ -59,51 +59,50 @@ def find_blocks(
     """The blocks of ``model``: layers with an adapter whose weight is optimised, then
     (if ``source`` covers them) every other optimised parameter with at least two dims.
 
-    A weight shared by several such layers is tracked by none of them (one block cannot
-    hold two layers' captures and biases): it and their biases are left to the fallback
-    rule (or to a source that covers untracked parameters), with a warning naming them.
+    A layer of a known type that cannot be tracked has its parameters left to the
+    fallback rule (or to a source that covers untracked parameters), and one warning
+    lists every such layer with the reason: its adapter refuses it
+    (:meth:`LayerAdapter.supports`), its weight is computed
+    (``torch.nn.utils.parametrize``), or several layers share its weight (one block
+    cannot hold two layers' captures and biases).
     """
     found = []
-    computed = []
+    untracked: list[str] = []
     for name, module in model.named_modules():
         adapter = registry.adapter_for(module)
-        if adapter is None or adapter.supports(module) is not None:
+        if adapter is None:
             continue
         name = name or type(module).__name__
-        weight = adapter.weight(module)
-        if weight is None:
-            if any(p in params for p in module.parameters()):
-                computed.append(name)
+        optimised = any(p in params for p in module.parameters())
+        reason = adapter.supports(module)
+        weight = None if reason is not None else adapter.weight(module)
+        if reason is None and weight is None:
+            reason = "weight computed by torch.nn.utils.parametrize"
+        if reason is not None:
+            if optimised:
+                untracked.append(f"{name!r} ({reason})")
         elif weight in params:
             found.append((name, module, adapter, weight))
-    if computed:
-        warnings.warn(
-            f"layers {computed} compute their weight (torch.nn.utils.parametrize): not "
-            "tracked; their parameters take the fallback rule (unless the basis covers "
-            "untracked parameters)",
-            RuntimeWarning,
-            stacklevel=3,
-        )
     users: dict[nn.Parameter, list[str]] = defaultdict(list)
     for name, _, _, weight in found:
         users[weight].append(name)
     blocks = []
     for name, module, adapter, weight in found:
-        bias = adapter.bias(module)
         if len(users[weight]) > 1:
+            others = ", ".join(repr(n) for n in users[weight] if n != name)
+            untracked.append(f"{name!r} (shares its weight with {others})")
             continue
+        bias = adapter.bias(module)
         if bias is not None and bias not in params:
             bias = None  # a frozen bias is a constant shift, not a parameter of the block
         blocks.append(LayerBlock(name, module, adapter, weight, bias))
-    for names in users.values():
-        if len(names) > 1:
-            warnings.warn(
-                f"layers {names} share one weight: none of them is tracked; the weight and "
-                "their biases are untracked parameters (the fallback rule, unless the basis "
-                "covers untracked parameters)",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+    if untracked:
+        warnings.warn(
+            f"layers not tracked: {', '.join(untracked)}; their parameters take the "
+            f"fallback rule, unless the basis covers untracked parameters",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     if source.covers_untracked:
         taken = {p for b in blocks for p in b.params}
         for name, p in model.named_parameters():

@@ -239,13 +239,16 @@ def test_zero_grad_between_forward_and_backward_drops_that_capture() -> None:
 def test_attention_out_proj_is_left_to_the_fallback(registry) -> None:
     """``nn.MultiheadAttention`` never calls ``out_proj``'s forward: the layer is not
     tracked (no silent identity basis), its weight takes the fallback rule like the
-    attention's ``in_proj_weight``, and no capture warning is raised."""
+    attention's ``in_proj_weight``; the constructor lists it, and no capture warning
+    is raised in the steps."""
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True),
         nn.Linear(16, 4),
     )
-    opt = KFEOptimizer(model, registry=registry, lr=1e-2, factor_every=1, basis_every=1)
+    listed = r"not tracked: '0.self_attn.out_proj' \(nn.MultiheadAttention's out_proj"
+    with pytest.warns(RuntimeWarning, match=listed):
+        opt = KFEOptimizer(model, registry=registry, lr=1e-2, factor_every=1, basis_every=1)
     names = [b.name for b in opt.blocks]
     assert names == ["0.linear1", "0.linear2", "1"]
     out_proj = model[0].self_attn.out_proj.weight
@@ -296,7 +299,7 @@ def test_a_weight_shared_by_two_layers_is_left_to_the_fallback(registry) -> None
     first, second = nn.Linear(4, 4), nn.Linear(4, 4)
     second.weight = first.weight
     model = nn.Sequential(first, nn.Tanh(), second, nn.Tanh(), nn.Linear(4, 2))
-    with pytest.warns(RuntimeWarning, match=r"layers \['0', '2'\] share one weight"):
+    with pytest.warns(RuntimeWarning, match=r"not tracked: '0' \(shares its weight with '2'\)"):
         opt = KFEOptimizer(model, registry=registry, lr=0.1, factor_every=1, basis_every=1)
     assert [b.name for b in opt.blocks] == ["4"]
     model(torch.randn(16, 4)).square().mean().backward()
@@ -315,7 +318,7 @@ def test_a_parametrized_weight_is_left_to_the_fallback(registry, norm: str) -> N
     torch.manual_seed(0)
     wrap = getattr(torch.nn.utils.parametrizations, norm)
     model = nn.Sequential(wrap(nn.Linear(6, 10)), nn.Tanh(), nn.Linear(10, 3))
-    with pytest.warns(RuntimeWarning, match=r"layers \['0'\] compute their weight"):
+    with pytest.warns(RuntimeWarning, match=r"not tracked: '0' \(weight computed by torch"):
         opt = KFEOptimizer(model, registry=registry, lr=0.1, factor_every=1, basis_every=1)
     assert [b.name for b in opt.blocks] == ["2"]
     model(torch.randn(16, 6)).square().mean().backward()
@@ -324,4 +327,28 @@ def test_a_parametrized_weight_is_left_to_the_fallback(registry, norm: str) -> N
     expected = [(p - 0.1 * p.grad).detach() for p in own]
     opt.step()
     for p, e in zip(own, expected, strict=True):
+        torch.testing.assert_close(p.detach(), e, rtol=0, atol=1e-7)
+
+
+def test_refused_layers_are_listed_with_their_reason(registry) -> None:
+    """Layers of a known type that the adapter refuses (grouped or reflect-padded
+    convolutions) are listed once, with the reason, and take the fallback rule."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(4, 4, 3, groups=2),
+        nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"),
+        nn.Flatten(),
+        nn.Linear(64, 2),
+    )
+    with pytest.warns(RuntimeWarning) as seen:
+        opt = KFEOptimizer(model, registry=registry, lr=0.1)
+    assert len(seen) == 1
+    text = str(seen[0].message)
+    assert "'0' (groups != 1)" in text and "'1' (padding_mode='reflect')" in text
+    assert [b.name for b in opt.blocks] == ["3"]
+    model(torch.randn(2, 4, 6, 6)).square().mean().backward()
+    conv = list(model[0].parameters()) + list(model[1].parameters())
+    expected = [(p - 0.1 * p.grad).detach() for p in conv]
+    opt.step()
+    for p, e in zip(conv, expected, strict=True):
         torch.testing.assert_close(p.detach(), e, rtol=0, atol=1e-7)
