@@ -77,7 +77,7 @@ def find_blocks(
         reason = adapter.supports(module)
         weight = None if reason is not None else adapter.weight(module)
         if reason is None and weight is None:
-            reason = "weight computed by torch.nn.utils.parametrize"
+            reason = "weight not a parameter: computed by torch.nn.utils.parametrize?"
         if reason is not None:
             if optimised:
                 untracked.append(f"{name!r} ({reason})")
@@ -425,7 +425,7 @@ class KFEOptimizer(torch.optim.Optimizer):
             self._comm = Communicator.resolve(self.config.comm_timeout_s)
         cfg = self.config
         unscale = 1.0 if loss_scale is None or cfg.fisher != "empirical" else 1 / loss_scale
-        jobs, fallbacks = self._start_jobs(float(unscale))
+        jobs, fallbacks = self._start_jobs(unscale)
         if self._due(cfg.factor_every):
             self._factor_phase(jobs)
         if self._due(cfg.basis_every):
@@ -533,26 +533,25 @@ class KFEOptimizer(torch.optim.Optimizer):
             st[K.REFRESHES] = 0
         pairs = []
         if block.tracked:
-            if self.capture.active:
-                self._check_captured(block)
+            saw_input = bool(self.capture.captured[block].inputs)
+            captured = self.capture.pop(block)
+            if not captured and self.capture.active:
+                self._warn_uncaptured(block, saw_input)
             dtype = grad.dtype
             pairs = [
                 (
                     block.augment(x, dtype),
                     g.to(dtype) if unscale == 1 else g.to(dtype, copy=True).mul_(unscale),
                 )
-                for x, g in self.capture.pop(block)
+                for x, g in captured
             ]
         scales = [self.capture.example_scale(g) for _, g in pairs]
         return _Job(block, group, st, grad, pairs, scales, Eigenbasis(**st[K.BASIS]))
 
-    def _check_captured(self, block: LayerBlock) -> None:
-        """Warn (once per layer) when a layer whose weight has a gradient captured nothing
+    def _warn_uncaptured(self, block: LayerBlock, saw_input: bool) -> None:
+        """Warn (once per layer) that a layer whose weight has a gradient captured nothing
         on a statistics step: its basis and statistics then stay as they were."""
-        store = self.capture.captured[block]
-        if store.pairs():
-            return
-        if not store.inputs:
+        if not saw_input:
             why = (
                 "its forward hook saw no input since the last zero_grad (zero_grad between "
                 "forward and backward, or a forward that bypasses the module and uses its "
