@@ -2,7 +2,9 @@
 
 ::
 
-    kfe train CONFIG [--out DIR] [--resume] [--set path.to.field=value ...] [--profile]
+    kfe train CONFIG [--out DIR] [--resume] [--set path.to.field=value ...]
+              [--profile [--profile-steps N]]
+              [--data-dir DIR]   # also for ablate, profile and diagnose
     kfe ablate CONFIG [--out DIR] [--workers N] [--set ...]
     kfe report RUN_DIR [--out DIR] [--target LOSS ...]
     kfe profile CONFIG [--out DIR] [--steps N] [--set ...]
@@ -11,19 +13,23 @@
     kfe schema           # JSON Schema of the experiment config
 
 A bad config, an unknown field or a missing dataset ends with exit code 2 and one
-message per problem naming the field path and the allowed values; no traceback.
+message per problem naming the field path and the allowed values; no traceback. So does
+a bad argument (a count below 1, a non-finite ``--target``, an ``--out`` that is a file,
+a ``RUN_DIR`` with nothing to report), checked before anything runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from kfe.data.paths import DATA_DIR_ENV
 from kfe.experiment.config import (
     ConfigError,
     ExperimentConfigBase,
@@ -37,6 +43,16 @@ from kfe.experiment.config import (
 __all__ = ["main"]
 
 USAGE_ERROR = 2
+PROFILE_STEPS = 3
+"""Active steps of ``kfe train --profile`` without ``--profile-steps``."""
+
+_COUNT_FLAGS = (
+    ("workers", "--workers"),
+    ("steps", "--steps"),
+    ("profile_steps", "--profile-steps"),
+    ("every", "--every"),
+)
+"""Whole-number flags (``dest``, flag) that must be at least 1 where a command has them."""
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -50,25 +66,71 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
         help="override a config field, e.g. --set optimizer.lr=0.01 (repeatable)",
     )
     parser.add_argument("--out", type=Path, help="output folder (default: runs/<name>)")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        metavar="DIR",
+        help="folder searched first for dataset files (the same as --set data.data_dir=DIR;"
+        f" default: the config's, then ${DATA_DIR_ENV})",
+    )
+
+
+def _data_dir_override(args: argparse.Namespace) -> None:
+    """``--data-dir DIR`` as the last ``--set`` (a JSON string, so YAML keeps it a str)."""
+    if getattr(args, "data_dir", None) is not None:
+        path = json.dumps(str(args.data_dir.expanduser()))
+        args.overrides.append(f"data.data_dir={path}")
+
+
+def _folder(path: Path, flag: str = "--out") -> Path:
+    """``path`` if it is a folder or can be made one; else a :class:`ConfigError` naming
+    ``flag`` (``path`` exists as a file, or lies inside a file)."""
+    for part in (path, *path.parents):
+        if part.is_dir():
+            return path
+        if part.exists() or part.is_symlink():
+            where = "exists and" if part == path else f"is inside {part}, which"
+            raise ConfigError(f"{flag}: {path} {where} is not a folder; give a folder path")
+    return path
 
 
 def _out(args: argparse.Namespace, config: ExperimentConfigBase, suffix: str = "") -> Path:
-    return args.out or Path("runs") / f"{config.name}{suffix}"
+    """``--out``, or ``runs/<name><suffix>``; checked to be usable as a folder."""
+    return _folder(args.out or Path("runs") / f"{config.name}{suffix}")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse bad flag values before anything is read, run or written: a count below 1,
+    ``--profile-steps`` without ``--profile``, a non-finite ``--target``, an ``--out``
+    that is not a folder (a :class:`ConfigError` naming the flag)."""
+    for dest, flag in _COUNT_FLAGS:
+        value = getattr(args, dest, None)
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag}: must be a whole number >= 1, not {value}")
+    if getattr(args, "profile_steps", None) is not None and not args.profile:
+        raise ConfigError("--profile-steps: only used with --profile; add --profile or drop it")
+    for target in getattr(args, "target", None) or ():
+        if not math.isfinite(target):
+            raise ConfigError(f"--target: must be a finite number, not {target}")
+    if getattr(args, "out", None) is not None:
+        _folder(args.out)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from kfe.distributed import shutdown
     from kfe.experiment.setup import build_experiment
-    from kfe.experiment.train import train
+    from kfe.experiment.train import preflight, train
 
     config = load_experiment(args.config, args.overrides)
     out = _out(args, config)
     try:
         exp = build_experiment(config)
         if args.profile:
+            preflight(out, args.resume)  # refuse before the profile writes OUT/profile
             from kfe.experiment.profile import profile_experiment
 
-            profile_experiment(exp, out / "profile", steps=args.profile_steps)
+            steps = PROFILE_STEPS if args.profile_steps is None else args.profile_steps
+            profile_experiment(exp, out / "profile", steps=steps)
             exp = build_experiment(config)  # the profiled steps do not count
         last = train(config, out, resume=args.resume, experiment=exp)
     except BaseException:
@@ -92,9 +154,10 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
     raw = apply_overrides(read_mapping(args.config), args.overrides)
     config = validate_experiment(raw)
-    rows = run_ablation(config, raw, _out(args, config, "-ablation"), workers=args.workers)
+    out = _out(args, config, "-ablation")
+    rows = run_ablation(config, raw, out, workers=args.workers)
     failed = [r["run_id"] for r in rows if r["status"] != "done"]
-    print(f"results: {_out(args, config, '-ablation') / 'results.csv'}")
+    print(f"results: {out / 'results.csv'}")
     if failed:
         print(f"runs not done: {', '.join(failed)}", file=sys.stderr)
         return 1
@@ -102,12 +165,21 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from kfe.experiment.report import write_report
+    """Write the report; print its files as one JSON line (``out_dir``, ``summary``, the
+    plots, ``sensitivity``: label -> plot)."""
+    from kfe.experiment.report import ReportError, write_report
 
-    if not args.run_dir.exists():
-        raise ConfigError(f"RUN_DIR: {args.run_dir} does not exist")
-    files = write_report(args.run_dir, args.out, targets=args.target or None)
-    print(files)
+    run_dir: Path = args.run_dir
+    if not run_dir.exists():
+        raise ConfigError(f"RUN_DIR: {run_dir} does not exist")
+    if not run_dir.is_dir():
+        raise ConfigError(f"RUN_DIR: {run_dir} is not a folder (give a run or an ablation folder)")
+    out = _folder(args.out or run_dir / "report")
+    try:
+        files = write_report(run_dir, out, targets=args.target or None)
+    except ReportError as exc:
+        raise ConfigError(f"RUN_DIR: {exc}") from None
+    print(json.dumps(files.to_json()))
     return 0
 
 
@@ -116,8 +188,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from kfe.experiment.setup import build_experiment
 
     config = load_experiment(args.config, args.overrides)
+    out = _out(args, config, "-profile")
     exp = build_experiment(config)
-    profile_experiment(exp, args.out or Path("runs") / f"{config.name}-profile", args.steps)
+    profile_experiment(exp, out, args.steps)
     return 0
 
 
@@ -125,7 +198,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     from kfe.experiment.diagnose import diagnose_experiment
 
     config = load_experiment(args.config, args.overrides)
-    out = args.out or Path("runs") / f"{config.name}-diagnose"
+    out = _out(args, config, "-diagnose")
     diagnose_experiment(config, out, layers=args.layer, every=args.every, steps=args.steps)
     return 0
 
@@ -186,25 +259,37 @@ def build_parser() -> argparse.ArgumentParser:
     parsers["train"].add_argument(
         "--profile", action="store_true", help="profile a few steps first (OUT/profile)"
     )
-    parsers["train"].add_argument("--profile-steps", type=int, default=3, metavar="N")
-    parsers["ablate"].add_argument("--workers", type=int, help="parallel worker processes")
+    parsers["train"].add_argument(
+        "--profile-steps",
+        type=int,
+        metavar="N",
+        help=f"active steps profiled with --profile (>= 1; default {PROFILE_STEPS})",
+    )
+    parsers["ablate"].add_argument(
+        "--workers", type=int, help="parallel worker processes (>= 1; default: ablate.workers)"
+    )
     parsers["report"].add_argument("run_dir", type=Path, help="a run or an ablation folder")
     parsers["report"].add_argument("--out", type=Path, help="default: RUN_DIR/report")
     parsers["report"].add_argument(
-        "--target", type=float, action="append", help="target loss for time-to-target"
+        "--target",
+        type=float,
+        action="append",
+        help="target loss for time-to-target (a finite number; repeatable)",
     )
-    parsers["profile"].add_argument("--steps", type=int, default=3, help="active steps")
+    parsers["profile"].add_argument("--steps", type=int, default=3, help="active steps (>= 1)")
     diagnose = parsers["diagnose"]
     diagnose.add_argument("--layer", action="append", required=True, help="layer name")
-    diagnose.add_argument("--every", type=int, default=10, help="sample every N steps")
-    diagnose.add_argument("--steps", type=int, help="training steps (default: the config's)")
+    diagnose.add_argument("--every", type=int, default=10, help="sample every N steps (>= 1)")
+    diagnose.add_argument("--steps", type=int, help="training steps (>= 1; default: the config's)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``kfe`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
+    _data_dir_override(args)
     try:
+        check_args(args)
         return int(args.func(args))
     except ConfigError as exc:
         print(f"kfe {args.command}: error:\n{_indent(str(exc))}", file=sys.stderr)

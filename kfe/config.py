@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Union
@@ -37,7 +38,9 @@ __all__ = ["KFEConfigBase", "config_model", "json_schema", "load_config"]
 class KFEConfigBase(BaseModel):
     """Every setting of :class:`kfe.KFEOptimizer` except the rule sections."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False
+    )
     _registry: ClassVar[Registry]
 
     lr: float = Field(1e-3, ge=0)
@@ -118,8 +121,10 @@ class KFEConfigBase(BaseModel):
                 value = {"name": value}
             if isinstance(value, Mapping):
                 name = value.get("name")
+                listed = f"registered {plural}: {', '.join(sorted(known))}"
+                if name is None:
+                    raise ValueError(f"{key}.name: missing (a {kind} mapping names it); {listed}")
                 if name not in known:
-                    listed = f"registered {plural}: {', '.join(sorted(known))}"
                     raise ValueError(f"{key}: unknown {kind} {name!r}; {listed}")
                 data[key] = value
         return data
@@ -198,10 +203,10 @@ def config_model(registry: Registry | None = None) -> type[KFEConfigBase]:
 
 
 def load_config(
-    source: str | Path | Mapping[str, Any], registry: Registry | None = None
+    source: str | os.PathLike[str] | Mapping[str, Any], registry: Registry | None = None
 ) -> KFEConfigBase:
     """Validate a config from a mapping or a ``.yaml``/``.yml``/``.json`` file."""
-    if isinstance(source, (str, Path)):
+    if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         text = path.read_text()
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -41,7 +42,7 @@ from kfe import state_keys as K
 from kfe.basis import Eigenbasis, _match
 from kfe.block import LayerBlock
 from kfe.capture import CurvatureCapture, LossKind, Reduction
-from kfe.config import KFEConfigBase, config_model
+from kfe.config import KFEConfigBase, config_model, load_config
 from kfe.distributed import Communicator, Solved, assign_owners, world
 from kfe.eigh import power_qr, robust_eigh
 from kfe.profiling import phase
@@ -220,7 +221,7 @@ class KFEOptimizer(torch.optim.Optimizer):
     def __init__(
         self,
         model: nn.Module,
-        config: KFEConfigBase | Mapping[str, Any] | None = None,
+        config: KFEConfigBase | Mapping[str, Any] | str | os.PathLike[str] | None = None,
         *,
         params: Iterable[Any] | None = None,
         registry: Registry | None = None,
@@ -228,6 +229,8 @@ class KFEOptimizer(torch.optim.Optimizer):
     ) -> None:
         self.registry = registry or default_registry()
         model_cls = config_model(self.registry)
+        if isinstance(config, (str, os.PathLike)):
+            config = load_config(config, self.registry)
         if isinstance(config, KFEConfigBase):
             config = config.model_dump(exclude_unset=True)
         self.config = model_cls.model_validate({**(config or {}), **settings})

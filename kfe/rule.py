@@ -66,7 +66,9 @@ class RuleConfig(BaseModel):
     discriminated union that :mod:`kfe.config` builds from the registered rules.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False
+    )
     name: str
 
 

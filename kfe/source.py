@@ -26,7 +26,9 @@ __all__ = ["BasisSource", "BasisSourceConfig"]
 class BasisSourceConfig(BaseModel):
     """Base of every basis source's configuration; tag ``name`` as for rules."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False
+    )
     name: str
 
 

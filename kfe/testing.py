@@ -5,7 +5,7 @@ A plugin author runs it in their own tests with one import and one class::
     from kfe.testing import RuleConformance
 
     class TestLion(RuleConformance):
-        rules = ["lion"]          # default: every registered rule
+        rules = ("lion",)          # default: every registered rule
         # plugins = [...]         # default: the installed ``kfe`` entry points
 
 Pytest then runs each check below for every compatible (rule, basis) pair:

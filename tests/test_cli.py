@@ -209,6 +209,32 @@ def test_bad_override_and_missing_file(tmp_path: Path) -> None:
     assert "Traceback" not in missing.stderr
 
 
+def test_data_dir_flag_points_the_readers_at_a_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--data-dir DIR`` is searched for dataset files (fake CIFAR-10 batches here), as
+    ``--set data.data_dir=DIR`` would be; a folder without them exits 2 naming it."""
+    from tests.test_datasets import write_cifar
+
+    monkeypatch.delenv("KFE_DATA_DIR", raising=False)
+    write_cifar(tmp_path / "data" / "cifar-10-batches-py", n=8)
+    (tmp_path / "empty").mkdir()
+    tiny = {**TINY, "epochs": 1, "data": {"name": "cifar10", "batch_size": 20}}
+    config = write(tmp_path / "cifar.yaml", tiny)
+    done = kfe(
+        "train", config, "--out", tmp_path / "r", "--data-dir", tmp_path / "data", cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    assert [r["step"] for r in rows(tmp_path / "r")] == [0, 2]  # 5 batches x 8 / 20
+    saved = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())
+    assert saved["data"]["data_dir"] == str(tmp_path / "data")
+    empty = kfe(
+        "train", config, "--out", tmp_path / "e", "--data-dir", tmp_path / "empty", cwd=tmp_path
+    )
+    assert empty.returncode == 2 and "Traceback" not in empty.stderr
+    assert "data.name" in empty.stderr and str(tmp_path / "empty") in empty.stderr
+
+
 def test_rules_and_schema_list_the_registered_plugins(tmp_path: Path) -> None:
     rules = kfe("rules", cwd=tmp_path)
     assert rules.returncode == 0

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -47,13 +46,7 @@ GROWTH_MARGIN = 0.05
 """K-FAC's mean error growth between refreshes minus EKFAC's (measured 0.11-0.14)."""
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Two shared cores: one intra-op thread keeps tiny matmuls from stalling."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _sampled_labels(out: Tensor, kind: str, gen: torch.Generator) -> Tensor:

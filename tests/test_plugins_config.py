@@ -198,6 +198,13 @@ def test_config_is_frozen_and_loads_from_files(registry, tmp_path) -> None:
     opt = KFEOptimizer(nn.Linear(2, 2), cfg, registry=registry, damping=0.2)
     assert opt.param_groups[0]["damping"] == 0.2 and opt.param_groups[0]["lr"] == 0.5
     assert config_model(registry) is config_model(registry)
+    # a path goes straight to the constructor, str or Path; keywords still override it
+    for path in (tmp_path / "c.yaml", str(tmp_path / "c.yaml")):
+        opt = KFEOptimizer(nn.Linear(2, 2), path, registry=registry, momentum=0.9)
+        assert (
+            opt.config.rule_config.name == "kfac" and opt.config.rule_config.damping_mode == "split"
+        )
+        assert opt.param_groups[0]["lr"] == 0.5 and opt.param_groups[0]["momentum"] == 0.9
 
 
 def test_yaml_boolean_true_reads_as_the_true_fisher(registry, tmp_path) -> None:

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,13 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STEP_PHASES = [p for p in PHASES if p not in ("kfe/comm", "kfe/rotate")]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Two shared cores: one intra-op thread keeps tiny matmuls from stalling."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _profile(registry, out: Path, fisher: str = "empirical", rule: str = "ekfac") -> PhaseTable:

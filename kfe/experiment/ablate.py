@@ -2,9 +2,12 @@
 
 The grid is the ``ablate`` section of an experiment config (:class:`AblateConfig`):
 for each variant, every combination of the shared axes and the variant's own axes.
+An axis with no values, or a field that both the shared grid and a variant set (its
+``set`` or its own grid), is a :class:`ConfigError` naming the axis and the variant.
 Each grid point is a full run in ``OUT/runs/<run_id>/`` (see :mod:`kfe.experiment.train`);
 a run whose ``summary.json`` says ``done`` for the same config is skipped on restart, and
-one with a checkpoint but no summary is resumed. ``OUT/results.csv`` has one row per run.
+one with a checkpoint but no (readable) summary is resumed. ``OUT/results.csv`` has one
+row per run; a failed run's ``error`` is the exception's type and message on one line.
 
 Workers are separate processes (``spawn``), each with ``cores // workers`` threads, so
 runs neither share the GIL nor fight over cores.
@@ -38,7 +41,15 @@ from kfe.experiment.config import (
 )
 from kfe.registry import Registry
 
-__all__ = ["RunSpec", "expand_grid", "run_ablation"]
+__all__ = [
+    "RunSpec",
+    "check_grid",
+    "check_workers",
+    "describe_error",
+    "expand_grid",
+    "read_summary",
+    "run_ablation",
+]
 
 RESULT_FIELDS = ("epoch", "step", "time", "train_loss", "test_loss", "test_accuracy")
 
@@ -70,11 +81,71 @@ def _run_id(variant: str | None, axes: Mapping[str, Any]) -> str:
     return re.sub(r"[^A-Za-z0-9_.=@+-]", "_", "-".join(parts) or "run")
 
 
+def _leaf_paths(values: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """The dotted paths that a ``set`` mapping assigns (nested mappings flattened)."""
+    paths: list[str] = []
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            paths.extend(_leaf_paths(value, f"{path}."))
+        else:
+            paths.append(path)
+    return paths
+
+
+def _replaces(later: str, earlier: str) -> bool:
+    """Whether setting the dotted path ``later`` overwrites what ``earlier`` set: the same
+    field, or a section that holds it (``optimizer`` replaces ``optimizer.lr``)."""
+    return earlier == later or earlier.startswith(f"{later}.")
+
+
+def _check_axes(where: str, grid: Mapping[str, list[Any]]) -> None:
+    """Every axis of ``grid`` (named ``where.<axis>``) has at least one value."""
+    for path, values in grid.items():
+        if not values:
+            raise ConfigError(
+                f"{where}.{path}: an axis needs at least one value (an empty list means no runs)"
+            )
+
+
+def _check_variant(index: int, variant: Variant, shared: Mapping[str, list[Any]]) -> None:
+    """A variant's axes are not empty, and nothing it sets is also set elsewhere for it
+    (a shared axis, its ``set``, its own axes): one of the two would be lost."""
+    where = f"ablate.variants[{index}] ({variant.name})"
+    _check_axes(f"{where}.grid", variant.grid)
+    for path in _leaf_paths(variant.set):
+        clash = next((a for a in [*shared, *variant.grid] if _replaces(a, path)), None)
+        if clash is not None:
+            source = "ablate.grid" if clash in shared else f"{where}.grid"
+            raise ConfigError(
+                f"{where}.set.{path}: also set by the axis {clash!r} of {source}, which would "
+                "override it; set it in one place only"
+            )
+    for axis in variant.grid:
+        clash = next((a for a in shared if _replaces(axis, a)), None)
+        if clash is not None:
+            raise ConfigError(
+                f"{where}.grid.{axis}: also the shared axis {clash!r} of ablate.grid, which "
+                "the variant would override; give that axis either in ablate.grid or in the "
+                "grid of every variant"
+            )
+
+
+def check_grid(ablate: AblateConfig) -> None:
+    """Refuse an empty axis and a field set twice for one variant (a :class:`ConfigError`
+    naming the axis and the variant)."""
+    _check_axes("ablate.grid", ablate.grid)
+    for index, variant in enumerate(ablate.variants):
+        _check_variant(index, variant, ablate.grid)
+
+
 def expand_grid(
     base: Mapping[str, Any], ablate: AblateConfig, registry: Registry | None = None
 ) -> list[RunSpec]:
     """Every run of the ablation, validated (a bad grid point is a :class:`ConfigError`
-    naming the run and the field, before anything trains)."""
+    naming the run and the field, before anything trains; so are an empty axis and a
+    field that both the shared grid and a variant set, see :func:`check_grid`)."""
+    check_grid(ablate)
     base = {k: v for k, v in base.items() if k != "ablate"}
     variants: list[Variant | None] = [*ablate.variants] or [None]
     specs: list[RunSpec] = []
@@ -103,18 +174,63 @@ def expand_grid(
     return specs
 
 
+def _warn(message: str) -> None:
+    """A warning on stderr, where the progress of the grid goes."""
+    print(f"ablate: warning: {message}", file=sys.stderr)
+
+
+def read_summary(path: Path) -> dict[str, Any] | None:
+    """A run's ``summary.json``; ``None`` if there is none, or (with a warning naming the
+    file) if it is not a JSON object: such a run counts as not finished."""
+    if not path.is_file():
+        return None
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        _warn(f"{path}: unreadable ({exc}); the run counts as not finished")
+        return None
+    if not isinstance(summary, dict):
+        kind = type(summary).__name__
+        _warn(f"{path}: a JSON {kind}, not an object; the run counts as not finished")
+        return None
+    return summary
+
+
+def _read_config(path: Path) -> Any:
+    """A run's ``config.yaml``, or ``None`` (with a warning) if it cannot be read."""
+    import yaml
+
+    try:
+        return yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        _warn(f"{path}: unreadable ({exc}); the run counts as not finished")
+        return None
+
+
 def _is_done(run_dir: Path, config: Mapping[str, Any]) -> bool:
     summary_path, config_path = run_dir / "summary.json", run_dir / "config.yaml"
     if not (summary_path.is_file() and config_path.is_file()):
         return False
-    import yaml
 
     def essential(c: Mapping[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in c.items() if k != "progress"}
 
-    saved = yaml.safe_load(config_path.read_text())
-    status = json.loads(summary_path.read_text()).get("status")
-    return status == "done" and essential(saved) == essential(config)
+    summary = read_summary(summary_path)
+    if summary is None or summary.get("status") != "done":
+        return False
+    saved = _read_config(config_path)
+    return isinstance(saved, Mapping) and essential(saved) == essential(config)
+
+
+def describe_error(exc: BaseException) -> str:
+    """``Type: message`` on one line (a multi-line message joined with ``; ``), then the
+    exception it was raised from, if any: what ``results.csv`` records for a failed run."""
+    message = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    if isinstance(exc, KeyError) and exc.args:
+        message = f"missing key {exc.args[0]!r}"
+    text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    cause = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+    return f"{text} (from {describe_error(cause)})" if cause is not None else text
 
 
 def _run_one(spec: RunSpec, run_dir: str, threads: int) -> dict[str, Any]:
@@ -132,18 +248,29 @@ def _run_one(spec: RunSpec, run_dir: str, threads: int) -> dict[str, Any]:
             config,
             path,
             resume=resume,
+            overwrite=not resume,  # a run cut short before its first checkpoint restarts
             extra={"label": spec.label, "axes": spec.axes, "run_id": spec.run_id},
         )
     except Exception as exc:  # a failed run is recorded, the grid goes on
         from kfe.experiment.checkpoint import write_json
 
-        error = f"{type(exc).__name__}: {exc}"
+        error = describe_error(exc)
         write_json(path / "summary.json", {"status": "failed", "error": error})
         return {"status": "failed", "error": error}
     return {"status": "done", **last}
 
 
+def check_workers(workers: int | str) -> None:
+    """A :class:`ConfigError` unless ``workers`` is ``auto`` or a whole number >= 1."""
+    whole = isinstance(workers, int) and not isinstance(workers, bool)
+    if workers != "auto" and not (whole and int(workers) >= 1):
+        raise ConfigError(f"workers: must be a whole number >= 1 or 'auto', not {workers!r}")
+
+
 def resolve_workers(workers: int | str, n_runs: int) -> int:
+    """How many worker processes: ``workers`` (``auto``: one per 2 cores), at most one
+    per run; a :class:`ConfigError` for fewer than one."""
+    check_workers(workers)
     cores = os.cpu_count() or 1
     wanted = max(1, cores // 2) if workers == "auto" else int(workers)
     return max(1, min(wanted, n_runs))
@@ -161,10 +288,12 @@ def run_ablation(
     if config.ablate is None:
         raise ConfigError("ablate: the config has no 'ablate' section (grid and/or variants)")
     specs = expand_grid(raw, config.ablate, registry)
+    wanted = config.ablate.workers if workers is None else workers
+    check_workers(wanted)  # before anything is written
     out_dir.mkdir(parents=True, exist_ok=True)
     write_yaml(out_dir / "ablation.yaml", dict(raw))
     todo = [s for s in specs if not _is_done(out_dir / "runs" / s.run_id, s.config)]
-    n_workers = resolve_workers(workers or config.ablate.workers, max(len(todo), 1))
+    n_workers = resolve_workers(wanted, max(len(todo), 1))
     threads = max(1, (os.cpu_count() or 1) // n_workers)
     print(
         f"ablate: {len(specs)} runs, {len(specs) - len(todo)} already done, "
@@ -194,9 +323,7 @@ def collect_results(out_dir: Path, specs: list[RunSpec]) -> list[dict[str, Any]]
     rows = []
     for spec in specs:
         path = out_dir / "runs" / spec.run_id / "summary.json"
-        summary: dict[str, Any] = (
-            json.loads(path.read_text()) if path.is_file() else {"status": "pending"}
-        )
+        summary = read_summary(path) or {"status": "pending"}
         final: dict[str, Any] = summary.get("final") or {}
         rows.append(
             {

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Union
@@ -39,10 +40,11 @@ from pydantic import (
 
 from kfe.config import KFEConfigBase, config_model
 from kfe.data import DATASETS
-from kfe.models import MODEL_CONFIGS, ModelConfig
+from kfe.models import MODEL_CONFIGS, ModelConfig, Task
 from kfe.registry import Registry, default_registry
 
 __all__ = [
+    "TASK_LOSSES",
     "AblateConfig",
     "ConfigError",
     "DataConfig",
@@ -56,7 +58,15 @@ __all__ = [
     "set_path",
 ]
 
-_FROZEN = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+_FROZEN = ConfigDict(
+    frozen=True, extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False
+)
+
+TASK_LOSSES: dict[Task, tuple[str, ...]] = {
+    "classify": ("cross_entropy", "mse"),
+    "reconstruct": ("bce", "mse"),
+}
+"""The losses each model task takes (``mse``: one-hot labels, or the input itself)."""
 
 
 class ConfigError(ValueError):
@@ -83,6 +93,11 @@ class DataConfig(BaseModel):
     """Evaluate the training loss on the first this many examples (default: all)."""
 
 
+_Beta = Annotated[float, Field(ge=0, lt=1)]
+# a folder name: no path separator, not "." or ".."
+_FILE_NAME = r"^[A-Za-z0-9_.@+=-]*[A-Za-z0-9_@+=-][A-Za-z0-9_.@+=-]*$"
+
+
 class TorchOptimizerConfig(BaseModel):
     """A ``torch.optim`` baseline, side by side with kfe's rules."""
 
@@ -96,14 +111,23 @@ class TorchOptimizerConfig(BaseModel):
     """Momentum (``sgd``, ``rmsprop``)."""
     nesterov: bool = False
     """Nesterov momentum (``sgd``)."""
-    betas: tuple[float, float] = (0.9, 0.999)
-    """Moment decays (``adam``, ``adamw``)."""
+    betas: tuple[_Beta, _Beta] = (0.9, 0.999)
+    """Moment decays (``adam``, ``adamw``), each in ``[0, 1)``."""
     alpha: float = Field(0.99, ge=0, lt=1)
     """Second-moment decay (``rmsprop``)."""
     eps: float = Field(1e-8, gt=0)
     """Denominator guard (``adam``, ``adamw``, ``rmsprop``)."""
     weight_decay: float = Field(0.0, ge=0)
     """Weight decay as the torch optimizer defines it."""
+
+    @model_validator(mode="after")
+    def _nesterov_needs_momentum(self) -> TorchOptimizerConfig:
+        if self.nesterov and not (self.name == "sgd" and self.momentum > 0):
+            raise ValueError(
+                f"nesterov: needs name 'sgd' and momentum > 0 (got name {self.name!r}, "
+                f"momentum {self.momentum})"
+            )
+        return self
 
     def build(self, params: Iterable[Any]) -> Any:
         """The ``torch.optim`` optimizer over ``params``."""
@@ -149,7 +173,7 @@ class Variant(BaseModel):
     """One arm of an ablation: fixed overrides plus its own axes."""
 
     model_config = _FROZEN
-    name: str = Field(pattern=r"^[A-Za-z0-9_.@+-]+$")
+    name: str = Field(pattern=_FILE_NAME)
     """Label of the arm in tables and plots."""
     set: dict[str, Any] = Field(default_factory=dict)
     """Overrides (dotted paths) applied to the base config."""
@@ -166,8 +190,9 @@ class ExperimentConfigBase(BaseModel):
     model_config = _FROZEN
     _registry: ClassVar[Registry]
 
-    name: str = "run"
-    """Name of the run (the default output folder is ``runs/<name>``)."""
+    name: str = Field("run", pattern=_FILE_NAME)
+    """Name of the run (the default output folder is ``runs/<name>``): letters, digits
+    and ``_.@+=-``, no path separator."""
     seed: NonNegativeInt = 0
     """Seeds model initialisation, data order and Monte Carlo Fisher labels."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -210,6 +235,17 @@ class ExperimentConfigBase(BaseModel):
                 known = ", ".join(sorted(MODEL_CONFIGS))
                 raise ValueError(f"model.name: unknown model {model.get('name')!r}; known: {known}")
         return data
+
+    @model_validator(mode="after")
+    def _loss_fits_the_task(self) -> ExperimentConfigBase:
+        task = self.model_section.task
+        if self.loss != "auto" and self.loss not in TASK_LOSSES[task]:
+            allowed = ", ".join(("auto", *TASK_LOSSES[task]))
+            raise ValueError(
+                f"loss: {self.loss!r} does not fit model {self.model_section.name!r} "
+                f"(task {task}); allowed: {allowed}"
+            )
+        return self
 
     @property
     def model_section(self) -> ModelConfig:
@@ -285,12 +321,18 @@ def set_path(data: dict[str, Any], path: str, value: Any) -> None:
     if not all(keys):
         raise ConfigError(f"{path!r}: not a dotted field path")
     node = data
-    for key in keys[:-1]:
+    for depth, key in enumerate(keys[:-1]):
         child = node.get(key)
         if isinstance(child, str):
             child = {"name": child}
-        elif not isinstance(child, Mapping):
+        elif child is None:
             child = {}
+        elif not isinstance(child, Mapping):
+            where = ".".join(keys[: depth + 1])
+            raise ConfigError(
+                f"{path!r}: {where} is not a section (it holds {json.dumps(child)}); set it "
+                f"whole, e.g. --set '{where}={json.dumps(child)}'"
+            )
         node[key] = child = dict(child)
         node = child
     node[keys[-1]] = value
@@ -303,22 +345,44 @@ def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[s
         path, sep, raw = item.partition("=")
         if not sep:
             raise ConfigError(f"--set {item!r}: expected path.to.field=value")
-        set_path(result, path.strip(), yaml.safe_load(raw))
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or type(exc).__name__
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({problem})") from None
+        set_path(result, path.strip(), value)
     return result
 
 
 def format_validation_error(error: ValidationError) -> str:
-    """One line per problem: the dotted field path, then pydantic's message (which
-    lists the allowed values for literals and unions)."""
+    """One line per problem: the dotted field path as the user writes it, then pydantic's
+    message (which lists the allowed values for literals and unions).
+
+    The tags of discriminated unions (``optimizer.kfe.rule.ekfac.decay``) are dropped
+    from the path (``optimizer.rule.decay``), and a validator's message that starts with
+    a field path (``loss: ...``) has that path joined to the location.
+    """
     lines = []
     for item in error.errors():
-        loc = [str(p) for p in item["loc"] if not _is_union_tag(p)]
-        path = ".".join(loc) or "(config)"
+        loc: list[str] = []
+        for part in map(str, item["loc"]):
+            after_union_field = bool(loc) and loc[-1] in _UNION_FIELDS
+            if not (_is_union_tag(part) or (after_union_field and part != item["loc"][-1])):
+                loc.append(part)
         msg = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             msg = "unknown field"
-        lines.append(f"{path}: {msg}")
+        head = _FIELD_PREFIX.match(msg)
+        if head:
+            loc.append(head["path"])
+            msg = head["rest"]
+        lines.append(f"{'.'.join(loc) or '(config)'}: {msg}")
     return "\n".join(lines)
+
+
+# config fields holding a union tagged by ``name`` (the tag follows them in a location)
+_UNION_FIELDS = ("rule", "basis", "fallback")
+_FIELD_PREFIX = re.compile(r"^(?P<path>[A-Za-z_][\w.]*): (?P<rest>.*)$", re.DOTALL)
 
 
 def _is_union_tag(part: Any) -> bool:
@@ -335,6 +399,8 @@ def read_mapping(path: Path) -> dict[str, Any]:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the config ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({exc.reason})") from None
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (yaml.YAMLError, json.JSONDecodeError) as exc:

@@ -21,7 +21,7 @@ from kfe.experiment.config import ConfigError, ExperimentConfigBase
 from kfe.experiment.setup import LOSS_REDUCTION, build_experiment
 from kfe.experiment.train import batches, train_step
 
-__all__ = ["diagnose_experiment"]
+__all__ = ["check_steps", "diagnose_experiment"]
 
 
 def diagnose_experiment(
@@ -34,14 +34,14 @@ def diagnose_experiment(
     held_out: int = 256,
 ) -> Path:
     """Train ``config`` for ``steps`` (default: its epochs / ``max_steps``), sampling the
-    errors of ``layers`` every ``every`` steps; returns the JSONL path."""
-    if every < 1:
-        raise ConfigError(f"--every: must be a positive number of steps, not {every}")
+    errors of ``layers`` every ``every`` steps; returns the JSONL path. ``every`` and
+    ``steps`` must be at least 1 (see :func:`check_steps`)."""
+    check_steps(every, steps)
     exp = build_experiment(config)
     opt = exp.kfe
     if opt is None:
         raise ConfigError("optimizer.type: kfe diagnose needs a kfe optimizer, not 'torch'")
-    reconstruct = config.loss_kind == "bce" and config.model_section.task == "reconstruct"
+    reconstruct = config.model_section.task == "reconstruct"  # bce or mse on the input
     x_val = exp.data.x_test[:held_out]
     y_val: Tensor = x_val if reconstruct else exp.data.y_test[:held_out]
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -63,7 +63,7 @@ def diagnose_experiment(
     except (KeyError, ValueError) as exc:
         raise ConfigError(f"--layer: {exc}") from None
     per_epoch = len(exp.data.x_train) // config.data.batch_size
-    total = steps or config.max_steps or config.epochs * per_epoch
+    total = steps if steps is not None else config.max_steps or config.epochs * per_epoch
     stream = itertools.chain.from_iterable(batches(exp, e) for e in itertools.count(1))
     for step, (x, y) in zip(range(total), stream, strict=False):
         train_step(exp, x, y)
@@ -71,3 +71,12 @@ def diagnose_experiment(
     plot(jsonl, out_dir / "curvature.png")
     print(f"curvature errors: {jsonl} and {out_dir / 'curvature.png'}", file=sys.stderr)
     return jsonl
+
+
+def check_steps(every: int, steps: int | None) -> None:
+    """A :class:`ConfigError` naming ``--every`` or ``--steps`` unless each is >= 1
+    (``steps`` ``None``: the config's length)."""
+    if every < 1:
+        raise ConfigError(f"--every: must be a positive number of steps, not {every}")
+    if steps is not None and steps < 1:
+        raise ConfigError(f"--steps: must be a whole number of steps >= 1, not {steps}")

@@ -47,6 +47,7 @@ from matplotlib.ticker import LogFormatter, MaxNLocator
 __all__ = [
     "ConfigResult",
     "Envelope",
+    "ReportError",
     "ReportFiles",
     "ReportWarning",
     "RunRecord",
@@ -74,6 +75,11 @@ _DPI = 120
 
 class ReportWarning(UserWarning):
     """A run was skipped or read only in part (unfinished, unreadable lines)."""
+
+
+class ReportError(ValueError):
+    """Nothing to report from what was given (not a folder, no run, no such metric, a
+    non-finite target); the message names the path or the value."""
 
 
 # -- loading -----------------------------------------------------------------------
@@ -204,8 +210,15 @@ def _read_metrics(path: Path) -> list[dict[str, Any]]:
             # a run killed mid-write leaves a truncated last line
             warnings.warn(f"{path}:{number}: not JSON; line skipped", ReportWarning, stacklevel=3)
             continue
-        if isinstance(row, dict):
-            rows.append(row)
+        if not isinstance(row, dict):
+            kind = type(row).__name__
+            warnings.warn(
+                f"{path}:{number}: a JSON {kind}, not an object of metrics; line skipped",
+                ReportWarning,
+                stacklevel=3,
+            )
+            continue
+        rows.append(row)
     rows.sort(key=lambda r: (_as_float(r.get("epoch")) or 0.0, _as_float(r.get("step")) or 0.0))
     return rows
 
@@ -287,14 +300,14 @@ def find_run_dirs(path: Path) -> list[Path]:
     """The run directories under ``path``: ``path`` itself if it is a run, else every
     folder of ``path/runs/`` (an ablation), else every child folder that holds a run.
 
-    Raises :class:`FileNotFoundError` for a missing ``path`` and :class:`ValueError`
-    when it holds no run.
+    Raises :class:`FileNotFoundError` for a missing ``path`` and :class:`ReportError`
+    (a :class:`ValueError`) when it is not a folder or holds no run.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such run or ablation directory")
     if not path.is_dir():
-        raise ValueError(f"{path}: not a directory (give a run or ablation directory)")
+        raise ReportError(f"{path}: not a directory (give a run or ablation directory)")
     if _is_run_dir(path):
         return [path]
     runs = path / "runs"
@@ -303,7 +316,7 @@ def find_run_dirs(path: Path) -> list[Path]:
     else:
         found = sorted(d for d in path.iterdir() if d.is_dir() and _is_run_dir(d))
     if not found:
-        raise ValueError(
+        raise ReportError(
             f"{path}: no runs found (expected {METRICS_FILE} / {SUMMARY_FILE} there, "
             f"or run folders under {runs})"
         )
@@ -617,6 +630,17 @@ class ReportFiles:
         fixed = [self.summary, self.loss_vs_epoch, self.loss_vs_time, self.envelope]
         return [*fixed, *self.sensitivity.values()]
 
+    def to_json(self) -> dict[str, Any]:
+        """The paths as strings (``sensitivity``: label -> path), for printing as JSON."""
+        return {
+            "out_dir": str(self.out_dir),
+            "summary": str(self.summary),
+            "loss_vs_epoch": str(self.loss_vs_epoch),
+            "loss_vs_time": str(self.loss_vs_time),
+            "envelope": str(self.envelope),
+            "sensitivity": {label: str(p) for label, p in self.sensitivity.items()},
+        }
+
 
 @dataclass(frozen=True, eq=False)
 class _LabelResult:
@@ -670,10 +694,12 @@ def write_report(
     ``acc`` is maximized, every other one minimized. ``log_y`` puts the metric axes on a
     log scale when every plotted value is positive.
 
-    Raises :class:`FileNotFoundError` / :class:`ValueError` (naming ``path``) when there
-    is no run to report, or no run reports ``metric``.
+    Raises :class:`FileNotFoundError` / :class:`ReportError` (a :class:`ValueError`
+    naming ``path``) when there is no run to report, or no run reports ``metric``, and
+    :class:`ReportError` for a target that is not a finite number.
     """
     path = Path(path)
+    _check_targets(targets)
     out = Path(out_dir) if out_dir is not None else path / "report"
     maximize = _maximize(metric)
     everything = load_runs(path, include_unfinished=True)
@@ -683,11 +709,11 @@ def write_report(
     for run in skipped:
         warnings.warn(f"{run.path}: {_why_skipped(run)}; skipped", ReportWarning, stacklevel=2)
     if not runs:
-        raise ValueError(f"{path}: no finished run to report ({len(skipped)} unfinished)")
+        raise ReportError(f"{path}: no finished run to report ({len(skipped)} unfinished)")
     available = set().union(*(r.metric_names() for r in runs))
     if metric not in available:
         names = ", ".join(sorted(available)) or "none"
-        raise ValueError(f"{path}: no run reports the metric {metric!r} (available: {names})")
+        raise ReportError(f"{path}: no run reports the metric {metric!r} (available: {names})")
 
     grouped = group_configs(runs, metric)
     results = [_analyse(label, configs, maximize) for label, configs in grouped.items()]
@@ -727,6 +753,13 @@ def write_report(
         _summary_markdown(path, results, skipped, target_list, files, metric, maximize)
     )
     return files
+
+
+def _check_targets(targets: Sequence[float] | None) -> None:
+    """Targets must be finite numbers (a NaN is never reached, an infinity always)."""
+    for target in targets or ():
+        if not math.isfinite(target):
+            raise ReportError(f"targets: {target} is not a finite number")
 
 
 # -- plots -------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from kfe.experiment.config import (
     TorchOptimizerConfig,
     kfe_settings,
 )
+from kfe.models import Task
 from kfe.optimizer import KFEOptimizer
 from kfe.registry import Registry
 
@@ -37,14 +38,18 @@ LOSS_REDUCTION: Reduction = "sum"
 so that the true Fisher is on the loss's scale)."""
 
 
-def loss_function(kind: str) -> LossFn:
+def loss_function(kind: str, task: Task | None = None) -> LossFn:
     """The batch-mean loss of a task, each example's output terms summed:
 
     * ``cross_entropy``: ``mean_i -log softmax(out_i)[y_i]``;
     * ``bce``: the auto-encoder's reconstruction loss, BCE-with-logits against the
       input, summed over pixels and averaged over the batch (the seed paper's);
-    * ``mse``: ``mean_i ||out_i - y_i||^2`` (torch's squared error summed over the
-      outputs: the Gaussian negative log-likelihood with variance 1/2, up to a constant).
+    * ``mse``: ``mean_i ||out_i - t_i||^2`` (torch's squared error summed over the
+      outputs: the Gaussian negative log-likelihood with variance 1/2, up to a constant),
+      with the target ``t`` the input for ``task="reconstruct"``, the one-hot label for
+      ``task="classify"``, and ``y`` itself otherwise (regression).
+
+    The kinds a model's task allows are :data:`kfe.experiment.config.TASK_LOSSES`.
     """
     if kind == "cross_entropy":
         return lambda out, x, y: F.cross_entropy(out, y)
@@ -54,7 +59,15 @@ def loss_function(kind: str) -> LossFn:
             / len(out)
         )
     if kind == "mse":
-        return lambda out, x, y: (out - y.reshape(out.shape)).square().sum() / len(out)
+
+        def target(out: Tensor, x: Tensor, y: Tensor) -> Tensor:
+            if task == "reconstruct":
+                return x.reshape(out.shape)
+            if task == "classify":
+                return F.one_hot(y, out.shape[-1]).to(out.dtype)
+            return y.reshape(out.shape)
+
+        return lambda out, x, y: (out - target(out, x, y)).square().sum() / len(out)
     raise ValueError(f"loss: unknown kind {kind!r}; allowed: cross_entropy, bce, mse")
 
 
@@ -168,9 +181,8 @@ def build_experiment(
             module, device_ids=[device.index] if device.type == "cuda" else None
         )
     optimizer = build_optimizer(config, module, registry)
-    return Experiment(
-        config, device, data, module, model, optimizer, loss_function(config.loss_kind), rank, world
-    )
+    loss = loss_function(config.loss_kind, config.model_section.task)
+    return Experiment(config, device, data, module, model, optimizer, loss, rank, world)
 
 
 def describe(exp: Experiment) -> dict[str, Any]:

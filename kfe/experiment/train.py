@@ -14,14 +14,21 @@ Run folder::
 epoch ``e`` comes from a generator seeded with ``(seed, e)``, the Monte Carlo Fisher
 generator's state is checkpointed, and checkpoints are written at epoch ends, so a run
 resumed from epoch ``e`` continues bit for bit as if it had not stopped.
+
+*Faults lose nothing*: a fresh run refuses a folder that already holds a run (unless
+``overwrite``), ``--resume`` refuses a missing or damaged checkpoint before writing
+anything, a metrics line cut short by a kill during its append is dropped with a warning,
+and every file but the appended metrics is replaced atomically.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +38,8 @@ from torch import Tensor
 
 from kfe.experiment.checkpoint import (
     CHECKPOINT,
+    CheckpointError,
+    atomic_write,
     load_checkpoint,
     save_checkpoint,
     write_json,
@@ -45,10 +54,26 @@ from kfe.experiment.config import (
 from kfe.experiment.setup import LOSS_REDUCTION, Experiment, build_experiment
 from kfe.registry import Registry
 
-__all__ = ["autocast", "batches", "evaluate", "train", "train_step"]
+__all__ = ["autocast", "batches", "evaluate", "preflight", "train", "train_step"]
 
 RESUMABLE_CHANGES = frozenset({"epochs", "max_steps", "progress", "tensorboard", "name"})
 """Config fields that may differ between a checkpoint and the run that resumes it."""
+
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+RUN_FILES = (CHECKPOINT, METRICS, SUMMARY)
+"""The files that make a folder hold a run (a fresh run refuses such a folder)."""
+
+CHECKPOINT_ENTRIES: dict[str, type | tuple[type, ...]] = {
+    "model": dict,
+    "optimizer": dict,
+    "config": dict,
+    "epoch": int,
+    "step": int,
+    "time": (int, float),
+    "generator": list,
+}
+"""What :func:`_save` writes and a resume needs, with the types of the values."""
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> Tensor:
@@ -97,6 +122,7 @@ def train_step(
 def evaluate(exp: Experiment, x: Tensor, y: Tensor) -> tuple[float, float | None]:
     """Mean loss (and accuracy for classifiers) over ``x``, in eval mode."""
     module, size = exp.module, exp.config.data.eval_batch_size
+    classify = exp.config.model_section.task == "classify"  # whatever the loss
     was_training = module.training
     module.eval()
     total = torch.zeros((), dtype=torch.float64, device=x.device)
@@ -107,11 +133,11 @@ def evaluate(exp: Experiment, x: Tensor, y: Tensor) -> tuple[float, float | None
             out = module(xb)
         out = out.float()
         total += exp.loss(out, xb, yb).double() * len(xb)
-        if exp.config.loss_kind == "cross_entropy":
+        if classify:
             correct += (out.argmax(-1) == yb).sum()
     module.train(was_training)
     n = max(len(x), 1)
-    accuracy = float(correct) / n if exp.config.loss_kind == "cross_entropy" else None
+    accuracy = float(correct) / n if classify else None
     return float(total) / n, accuracy
 
 
@@ -119,27 +145,30 @@ class RunLog:
     """Metrics rows to JSONL and TensorBoard (main rank only)."""
 
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool) -> None:
-        self.path = run_dir / "metrics.jsonl"
+        self.path = run_dir / METRICS
         self.enabled = enabled
-        self.writer: Any = None
-        if enabled and tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(run_dir / "tb"))
+        self.tb_dir = run_dir / "tb" if enabled and tensorboard else None
+        self.writer: Any = None  # opened on the first row, so a refused start writes nothing
 
     def truncate_after(self, epoch: int) -> list[dict[str, Any]]:
-        """Keep rows up to ``epoch`` (rows after the checkpoint are replayed on resume)."""
-        rows = read_metrics(self.path)
-        kept = [r for r in rows if r["epoch"] <= epoch]
+        """Keep rows up to ``epoch`` (rows after the checkpoint are replayed on resume);
+        the file is replaced atomically, so a crash leaves the old or the new rows."""
+        kept = [r for r in read_metrics(self.path) if r["epoch"] <= epoch]
         if self.enabled:
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            text = "".join(json.dumps(r) + "\n" for r in kept)
+            atomic_write(self.path, lambda f: f.write(text.encode()))
         return kept
 
     def write(self, row: dict[str, Any]) -> None:
+        """Append ``row`` to the JSONL file (and its scalars to TensorBoard)."""
         if not self.enabled:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
+        if self.tb_dir is not None and self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.tb_dir))
         if self.writer is not None:
             for key, value in row.items():
                 if key not in ("epoch", "step") and value is not None:
@@ -153,12 +182,45 @@ class RunLog:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rows of a metrics file (none if it does not exist).
+
+    A last line that does not parse is what a kill during its append leaves: it is
+    dropped with a warning. A bad line before it is a :class:`ConfigError` naming the
+    file and the line number.
+    """
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    numbered = [(n, line) for n, line in enumerate(path.read_text().splitlines(), 1)]
+    numbered = [(n, line) for n, line in numbered if line.strip()]
+    rows = []
+    for i, (n, line) in enumerate(numbered):
+        row = _parse_row(line)
+        if row is not None:
+            rows.append(row)
+        elif i == len(numbered) - 1:
+            warnings.warn(
+                f"{path}: line {n} is incomplete (a run stopped while writing it); dropped",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        else:
+            raise ConfigError(f"{path}: line {n} is not a metrics row: {line[:80]!r}")
+    return rows
+
+
+def _parse_row(line: str) -> dict[str, Any] | None:
+    """A metrics row (a JSON object with an integer ``epoch``), or ``None``."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(row, dict) or not isinstance(row.get("epoch"), int):
+        return None
+    return row
 
 
 def _check_resumable(saved: dict[str, Any], config: ExperimentConfigBase) -> None:
+    """The checkpoint's config equals ``config`` but for :data:`RESUMABLE_CHANGES`."""
     current = dump_experiment(config)
     changed = sorted(
         k
@@ -183,6 +245,7 @@ def train(
     run_dir: Path,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     registry: Registry | None = None,
     experiment: Experiment | None = None,
     extra: dict[str, Any] | None = None,
@@ -190,32 +253,28 @@ def train(
     """Train ``config`` into ``run_dir``; returns the last metrics row.
 
     With ``resume``, continue from ``run_dir/checkpoint.pt`` (same config except
-    :data:`RESUMABLE_CHANGES`, e.g. more ``epochs``). ``extra`` is added to
-    ``summary.json`` (``kfe ablate`` records the run's grid axes there).
+    :data:`RESUMABLE_CHANGES`, e.g. more ``epochs``); a missing or damaged checkpoint is a
+    :class:`ConfigError` raised before anything is written. Without it, a ``run_dir``
+    that already holds a run (:data:`RUN_FILES`) is refused, unless ``overwrite``: then
+    that run's files are deleted first. ``extra`` is added to ``summary.json``
+    (``kfe ablate`` records the run's grid axes there).
     """
     exp = experiment or build_experiment(config, registry)
     run_dir = Path(run_dir)
     main = exp.is_main
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
     log = RunLog(run_dir, main, config.tensorboard)
     generator = torch.Generator(device=exp.device).manual_seed(config.seed + 7919 * exp.rank)
-    epoch, step, elapsed = 0, 0, 0.0
     checkpoint_path = run_dir / CHECKPOINT
+    last: dict[str, Any] | None
     if resume:
-        state = load_checkpoint(checkpoint_path, exp.device)
-        _check_resumable(state["config"], config)
-        exp.module.load_state_dict(state["model"])
-        exp.optimizer.load_state_dict(state["optimizer"])
-        saved = state["generator"]  # one per rank of the saving run
-        generator.set_state(saved[min(exp.rank, len(saved) - 1)].cpu())
-        epoch, step, elapsed = state["epoch"], state["step"], state["time"]
+        epoch, step, elapsed = _resume(exp, config, checkpoint_path, generator)
         rows = log.truncate_after(epoch)
         last = rows[-1] if rows else None
     else:
+        _claim(exp, run_dir, overwrite)
         if main:
-            (run_dir / "summary.json").unlink(missing_ok=True)
-            log.path.unlink(missing_ok=True)
+            run_dir.mkdir(parents=True, exist_ok=True)
+        epoch, step, elapsed = 0, 0, 0.0
         last = _evaluate_row(exp, epoch, step, elapsed, None)
         log.write(last)
     if main:
@@ -258,8 +317,100 @@ def train(
             break
     log.close()
     if main and last is not None:
-        write_json(run_dir / "summary.json", {**summary(config, last), **(extra or {})})
+        write_json(run_dir / SUMMARY, {**summary(config, last), **(extra or {})})
     return last or {}
+
+
+def _resume(
+    exp: Experiment,
+    config: ExperimentConfigBase,
+    path: Path,
+    generator: torch.Generator,
+) -> tuple[int, int, float]:
+    """Restore model, optimizer and ``generator`` from the checkpoint at ``path``; returns
+    its ``(epoch, step, time)``. Reads only: every refusal comes before any write."""
+    if not path.is_file():
+        raise CheckpointError(_no_checkpoint(path))
+    try:
+        state = load_checkpoint(path, exp.device, required=CHECKPOINT_ENTRIES)
+    except CheckpointError as exc:  # kfe ablate retries it on every restart otherwise
+        raise CheckpointError(f"{exc}; delete it to start the run over") from None
+    _check_resumable(state["config"], config)
+    saved = state["generator"]  # one per rank of the saving run
+    try:
+        exp.module.load_state_dict(state["model"])
+        exp.optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(saved[min(exp.rank, len(saved) - 1)].cpu())
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise CheckpointError(
+            f"{path}: not a checkpoint of this model and optimizer: {type(exc).__name__}: {first}"
+        ) from None
+    return state["epoch"], state["step"], float(state["time"])
+
+
+def _no_checkpoint(path: Path) -> str:
+    """Why there is nothing to resume at ``path``, and how to start fresh instead."""
+    run_dir = path.parent
+    if not run_dir.is_dir():
+        where = f"{run_dir}: no such folder, so no checkpoint to resume from"
+    else:
+        where = f"{run_dir}: no {path.name} there, so no checkpoint to resume from"
+    held = _held_files(run_dir)
+    if held:
+        return (
+            f"{where} (it holds {', '.join(held)} of a run that never checkpointed); to "
+            "start fresh, delete the folder or choose another --out, and run without --resume"
+        )
+    return f"{where}; to start a fresh run there, run without --resume"
+
+
+def _held_files(run_dir: Path) -> list[str]:
+    """The :data:`RUN_FILES` present in ``run_dir``."""
+    return [name for name in RUN_FILES if (run_dir / name).exists()]
+
+
+def _claim(exp: Experiment, run_dir: Path, overwrite: bool) -> None:
+    """Make ``run_dir`` ready for a fresh run: refuse one that holds a run, or with
+    ``overwrite`` delete that run's files. The main rank decides for every rank."""
+    held = _held_files(run_dir) if exp.is_main else []
+    if exp.world_size > 1:
+        import torch.distributed as dist
+
+        shared: list[Any] = [held]
+        dist.broadcast_object_list(shared, src=0)
+        held = shared[0]
+    if not held:
+        return
+    if not overwrite:
+        raise ConfigError(_holds_a_run(run_dir, held))
+    if exp.is_main:
+        # summary first (ablate would skip a 'done' run), metrics last: a crash in between
+        # leaves a run that resumes, or one that restarts, never a mismatched mix; the old
+        # TensorBoard events go too, so the new curves are not drawn over the old ones
+        for name in (SUMMARY, CHECKPOINT):
+            (run_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(run_dir / "tb", ignore_errors=True)
+        (run_dir / METRICS).unlink(missing_ok=True)
+
+
+def _holds_a_run(run_dir: Path, held: list[str]) -> str:
+    return (
+        f"{run_dir}: already holds a run ({', '.join(held)}); pass --resume to continue "
+        "it, or choose another --out, or delete the folder to start over"
+    )
+
+
+def preflight(run_dir: Path, resume: bool) -> None:
+    """The refusals of :func:`train` that need no model, checked before other work (the
+    CLI profiles first with ``--profile``): with ``resume`` a missing checkpoint, without
+    it a folder that holds a run. Raises :class:`ConfigError`; writes nothing."""
+    run_dir = Path(run_dir)
+    if resume and not (run_dir / CHECKPOINT).is_file():
+        raise CheckpointError(_no_checkpoint(run_dir / CHECKPOINT))
+    held = [] if resume else _held_files(run_dir)
+    if held:
+        raise ConfigError(_holds_a_run(run_dir, held))
 
 
 def _evaluate_row(

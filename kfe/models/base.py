@@ -40,7 +40,9 @@ class ModelConfig(BaseModel):
     docstring, which becomes its ``description`` in the JSON Schema.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False
+    )
 
     name: str
     """The model's registered name (the union's tag)."""

@@ -4,4 +4,4 @@ from kfe.testing import RuleConformance
 
 
 class TestLion(RuleConformance):
-    rules = ["lion"]
+    rules = ("lion",)
