@@ -36,6 +36,15 @@ class LayerBlock:
     def params(self) -> list[nn.Parameter]:
         return [self.weight] if self.bias is None else [self.weight, self.bias]
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(d_out, d_in[+1])``: the shape of :meth:`matrix` (found on meta tensors, so
+        an adapter's own :meth:`~kfe.LayerAdapter.weight_matrix` decides it)."""
+        weight = torch.empty(self.weight.shape, device="meta")
+        bias = None if self.bias is None else torch.empty(self.bias.shape, device="meta")
+        d_out, d_in = self.matrix(weight, bias).shape
+        return d_out, d_in
+
     def matrix(self, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         """Stack a weight-shaped and a bias-shaped tensor into ``(d_out, d_in[+1])``."""
         if self.adapter is None:

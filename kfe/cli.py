@@ -126,7 +126,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         exp = build_experiment(config)
         if args.profile:
-            preflight(out, args.resume)  # refuse before the profile writes OUT/profile
+            preflight(exp, config, out, args.resume)  # refuse before OUT/profile is written
             from kfe.experiment.profile import profile_experiment
 
             steps = PROFILE_STEPS if args.profile_steps is None else args.profile_steps
@@ -294,6 +294,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"kfe {args.command}: error:\n{_indent(str(exc))}", file=sys.stderr)
         return USAGE_ERROR
+    except OSError as exc:  # a folder that cannot be made, a full disk: say so, no traceback
+        print(f"kfe {args.command}: error:\n{_indent(str(exc))}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

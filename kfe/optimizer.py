@@ -454,10 +454,56 @@ class KFEOptimizer(torch.optim.Optimizer):
         return loss
 
     def state_dict(self) -> dict[str, Any]:
-        """``torch.optim`` state plus a ``"kfe"`` entry with the step counter."""
+        """``torch.optim`` state plus a ``"kfe"`` entry: the step counter and the names of
+        the rule, basis and fallback rule whose state it holds."""
         state = super().state_dict()
-        state["kfe"] = {"step": self._step}
+        state["kfe"] = {"step": self._step, **self._state_kinds()}
         return state
+
+    def _state_kinds(self) -> dict[str, str]:
+        cfg = self.config
+        return {
+            "rule": cfg.rule_config.name,
+            "basis": cfg.basis_config.name,
+            "fallback": cfg.fallback_config.name,
+        }
+
+    def _check_loadable(self, saved: Mapping[str, Any], state: Mapping[Tensor, Any]) -> None:
+        """Refuse, before anything is replaced, a state dict of another rule, basis or
+        fallback (its rule state would fail mid-step), or one whose factors or basis do
+        not fit a layer (another width): a ``ValueError`` naming what differs. A state
+        dict without the names (written before they were recorded) is checked by shape
+        only."""
+        ours = self._state_kinds()
+        theirs = {k: saved[k] for k in ours if k in saved}
+        if any(theirs[k] != ours[k] for k in theirs):
+
+            def kinds(names: Mapping[str, str]) -> str:
+                return ", ".join(f"{k} {v!r}" for k, v in names.items())
+
+            raise ValueError(
+                f"loaded state dict holds the state of {kinds(theirs)}; this optimizer runs "
+                f"{kinds(ours)}: build it with the same rule, basis and fallback"
+            )
+        for block in self.blocks:
+            st = state.get(block.weight, {})
+            d_out, d_in = block.shape
+            want = {
+                K.FACTOR_A: (d_in, d_in),
+                K.FACTOR_B: (d_out, d_out),
+                "U_A": (d_in, d_in),
+                "U_B": (d_out, d_out),
+                K.MOMENTUM: (d_out, d_in),
+            }
+            held = {**st, **st.get(K.BASIS, {})}
+            for key, shape in want.items():
+                value = held.get(key)
+                if isinstance(value, Tensor) and tuple(value.shape) != shape:
+                    raise ValueError(
+                        f"loaded state dict does not fit layer {block.name!r}: its {key} is "
+                        f"{tuple(value.shape)}, the layer's (d_out, d_in[+1]) = {block.shape} "
+                        f"needs {shape}"
+                    )
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore state exactly: tensors keep their dtype (factors are not cast)."""
@@ -486,6 +532,7 @@ class KFEOptimizer(torch.optim.Optimizer):
         for key, value in state_dict["state"].items():
             param = id_map[key]
             state[param] = copy(value, param.device)
+        self._check_loadable(state_dict.get("kfe", {}), state)
         groups = [
             {**saved, "params": group["params"]}
             for saved, group in zip(saved_groups, self.param_groups, strict=True)

@@ -322,3 +322,62 @@ def test_train_profile_is_refused_before_it_writes(
     argv = ["train", str(base), "--out", str(empty), "--profile", "--resume"]
     refused(capsys, argv, "no checkpoint to resume from")
     assert not empty.exists()
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        (
+            {"grid": {"optimizer.lr": [0.1], "optimizer": [{"rule": "ekfac"}]}},
+            "ablate.grid.optimizer",
+        ),
+        (
+            {"variants": [{"name": "e", "set": {"optimizer": {"lr": 0.1}, "optimizer.lr": 0.2}}]},
+            "ablate.variants[0] (e).set.optimizer.lr: overwrites 'optimizer.lr'",
+        ),
+    ],
+    ids=["grid-axis-over-an-axis", "set-field-twice"],
+)
+def test_ablate_field_given_twice_in_one_place_exits_2(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, change: dict[str, Any], words: str
+) -> None:
+    out, config = tmp_path / "abl", tmp_path / "grid.yaml"
+    # in the order written (a user's file is not sorted)
+    config.write_text(yaml.safe_dump({**TINY, "ablate": {**ABLATE, **change}}, sort_keys=False))
+    refused(capsys, ["ablate", str(config), "--out", str(out)], words)
+    assert not out.exists()
+
+
+def test_shipped_and_documented_grids_expand() -> None:
+    """The README's ablation and the docs' example pass the grid checks, refinements
+    included (a shared ``optimizer.rule``, a variant axis inside it)."""
+    from kfe.experiment.ablate import expand_grid
+    from kfe.experiment.config import read_mapping, validate_experiment
+
+    root = Path(__file__).resolve().parents[1]
+    raw = read_mapping(root / "configs" / "mnist_autoencoder.yaml")
+    assert len(expand_grid(raw, validate_experiment(raw).ablate)) == 8
+    docs = {
+        **TINY,
+        "ablate": {
+            "grid": {"seed": [0, 1]},
+            "variants": [
+                {
+                    "name": "adam",
+                    "set": {"optimizer": {"type": "torch", "name": "adam"}},
+                    "grid": {"optimizer.lr": [0.001, 0.003]},
+                },
+                {
+                    "name": "ekfac",
+                    "set": {"optimizer.rule": "ekfac"},
+                    "grid": {"optimizer.lr": [0.1, 0.3], "optimizer.damping": [0.1, 1.0]},
+                },
+                {
+                    "name": "batch",
+                    "set": {"optimizer.rule": "ekfac"},
+                    "grid": {"optimizer.rule.estimator": ["batch", "ema"]},
+                },
+            ],
+        },
+    }
+    assert len(expand_grid(docs, validate_experiment(docs).ablate)) == 2 * (2 + 4 + 2)

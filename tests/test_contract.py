@@ -112,6 +112,50 @@ def test_state_dict_roundtrip_keeps_factor_dtype(registry) -> None:
                 assert value == other
 
 
+@pytest.mark.parametrize(
+    ("saved", "loading", "words"),
+    [
+        ({"rule": "ekfac"}, {"rule": "adam"}, ["rule 'ekfac'", "rule 'adam'"]),
+        ({"basis": "kfac"}, {"basis": "shampoo"}, ["basis 'kfac'", "basis 'shampoo'"]),
+        ({"fallback": "sgd"}, {"fallback": "adam"}, ["fallback 'sgd'", "fallback 'adam'"]),
+    ],
+)
+def test_state_of_another_rule_or_basis_is_refused_at_load(
+    registry, saved: dict, loading: dict, words: list[str]
+) -> None:
+    """Such a state used to load and then fail mid-step (``AdamState`` given ekfac's
+    ``scale``); the optimizer's state is left as it was."""
+    model = make_model()
+    opt = KFEOptimizer(model, registry=registry, **SETTINGS, **saved)
+    train(model, opt, 3)
+    other = KFEOptimizer(model, registry=registry, **SETTINGS, **loading)
+    with pytest.raises(ValueError, match="loaded state dict holds the state of") as err:
+        other.load_state_dict(opt.state_dict())
+    assert all(w in str(err.value) for w in words), err.value
+    assert not other.state
+
+
+@pytest.mark.parametrize("basis", ["kfac", "shampoo", "identity"])
+def test_state_of_another_width_is_refused_at_load(registry, basis: str) -> None:
+    """Factors, basis and momentum must fit each layer: a wider model's state is refused
+    naming the layer (it used to fail in the next step's matmul), and a state dict
+    without the rule names (written before they were recorded) still loads."""
+    rule = "adam" if basis != "kfac" else "ekfac"
+    settings = {**SETTINGS, "rule": rule, "basis": basis}
+    model = make_model()
+    opt = KFEOptimizer(model, registry=registry, **settings)
+    train(model, opt, 3)
+    wide = make_model()
+    wide[3], wide[4], wide[6] = nn.Linear(3 * 6 * 6, 9), nn.LayerNorm(9), nn.Linear(9, 4)
+    with pytest.raises(ValueError, match="does not fit layer '3'"):
+        KFEOptimizer(wide, registry=registry, **settings).load_state_dict(opt.state_dict())
+    old = opt.state_dict()
+    old["kfe"] = {"step": old["kfe"]["step"]}
+    fresh = KFEOptimizer(model, registry=registry, **settings)
+    fresh.load_state_dict(old)
+    train(model, fresh, 1)
+
+
 def test_lr_scheduler_drives_param_groups(registry) -> None:
     model = make_model()
     opt = KFEOptimizer(model, registry=registry, lr=0.1)

@@ -159,6 +159,42 @@ def test_resume_from_a_damaged_checkpoint_exits_2_naming_it(
     assert snapshot(run) == before  # nothing rewritten: not the metrics, not the config
 
 
+@pytest.mark.parametrize("damage", [_hello, _pickled_code], ids=["hello", "pickled_code"])
+def test_profile_before_a_resume_checks_the_checkpoint_first(
+    config: Path, finished: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], damage: Any
+) -> None:
+    """``--profile --resume`` refuses a damaged checkpoint before profiling (no
+    ``profile/`` written); so it does one of another config."""
+    run = copy_run(finished, tmp_path)
+    damage(run / "checkpoint.pt")
+    rc = kfe_train(config, run, "--resume", "--profile")
+    refused(capsys, rc, str(run / "checkpoint.pt"))
+    assert not (run / "profile").exists() and not (run / "PWNED").exists()
+    other = copy_run(finished, tmp_path / "other")
+    rc = kfe_train(config, other, "--resume", "--profile", "--set", "optimizer.lr=0.2")
+    refused(capsys, rc, "optimizer: differ from the checkpoint's config")
+    assert not (other / "profile").exists()
+
+
+def test_resume_with_the_data_moved_is_the_same_run(
+    config: Path, finished: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``data.data_dir`` says where the files are, not what the run is: ``--resume``
+    with another ``--data-dir`` continues (digits needs no folder, any path will do)."""
+    run = copy_run(finished, tmp_path)
+    rc = kfe_train(config, run, "--resume", "--set", "epochs=2", "--data-dir", str(tmp_path))
+    assert rc == 0, capsys.readouterr().err
+    assert epochs(run) == [0, 1, 2]
+
+
+def test_an_out_folder_that_cannot_be_made_is_reported_without_traceback(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc = kfe_train(config, Path("/proc/kfe-no-such-folder"))
+    err = capsys.readouterr().err
+    assert rc == 1 and "/proc/kfe-no-such-folder" in err and "Traceback" not in err
+
+
 # 3. metrics.jsonl cut short by a kill, or corrupt in the middle
 
 

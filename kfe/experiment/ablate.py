@@ -16,6 +16,7 @@ runs neither share the GIL nor fight over cores.
 from __future__ import annotations
 
 import csv
+import io
 import itertools
 import json
 import os
@@ -28,7 +29,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from kfe.experiment.checkpoint import CHECKPOINT, write_yaml
+from kfe.experiment.checkpoint import CHECKPOINT, atomic_write, write_yaml
 from kfe.experiment.config import (
     AblateConfig,
     ConfigError,
@@ -38,6 +39,7 @@ from kfe.experiment.config import (
     dump_experiment,
     set_path,
     validate_experiment,
+    without_location,
 )
 from kfe.registry import Registry
 
@@ -100,11 +102,27 @@ def _replaces(later: str, earlier: str) -> bool:
 
 
 def _check_axes(where: str, grid: Mapping[str, list[Any]]) -> None:
-    """Every axis of ``grid`` (named ``where.<axis>``) has at least one value."""
+    """Every axis of ``grid`` (named ``where.<axis>``) has at least one value, and no
+    axis overwrites an earlier one (see :func:`_check_in_order`)."""
     for path, values in grid.items():
         if not values:
             raise ConfigError(
                 f"{where}.{path}: an axis needs at least one value (an empty list means no runs)"
+            )
+    _check_in_order(where, list(grid))
+
+
+def _check_in_order(where: str, paths: list[str]) -> None:
+    """Paths applied in this order (a ``set``'s flattened paths, a grid's axes) never
+    overwrite an earlier one: the same field twice (``optimizer: {lr: ..}`` and
+    ``optimizer.lr``), or a section after a field inside it. Refining (a section, then
+    a field inside it) is fine."""
+    for i, later in enumerate(paths):
+        earlier = next((e for e in paths[:i] if _replaces(later, e)), None)
+        if earlier is not None:
+            raise ConfigError(
+                f"{where}.{later}: overwrites {earlier!r}, set before it in the same place; "
+                "give each field once"
             )
 
 
@@ -113,6 +131,7 @@ def _check_variant(index: int, variant: Variant, shared: Mapping[str, list[Any]]
     (a shared axis, its ``set``, its own axes): one of the two would be lost."""
     where = f"ablate.variants[{index}] ({variant.name})"
     _check_axes(f"{where}.grid", variant.grid)
+    _check_in_order(f"{where}.set", _leaf_paths(variant.set))
     for path in _leaf_paths(variant.set):
         clash = next((a for a in [*shared, *variant.grid] if _replaces(a, path)), None)
         if clash is not None:
@@ -213,7 +232,7 @@ def _is_done(run_dir: Path, config: Mapping[str, Any]) -> bool:
         return False
 
     def essential(c: Mapping[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in c.items() if k != "progress"}
+        return {k: v for k, v in without_location(c).items() if k != "progress"}
 
     summary = read_summary(summary_path)
     if summary is None or summary.get("status") != "done":
@@ -341,8 +360,9 @@ def collect_results(out_dir: Path, specs: list[RunSpec]) -> list[dict[str, Any]]
 def write_results(path: Path, rows: list[dict[str, Any]], specs: list[RunSpec]) -> None:
     axes = list(dict.fromkeys(k for s in specs for k in s.axes))
     columns = ["run_id", "label", "status", *axes, *RESULT_FIELDS, "error"]
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, columns)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: _format(row.get(k)) if k in axes else row.get(k) for k in columns})
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, columns)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: _format(row.get(k)) if k in axes else row.get(k) for k in columns})
+    atomic_write(path, lambda f: f.write(text.getvalue().encode()))

@@ -56,6 +56,7 @@ __all__ = [
     "format_validation_error",
     "load_experiment",
     "set_path",
+    "without_location",
 ]
 
 _FROZEN = ConfigDict(
@@ -364,11 +365,13 @@ def format_validation_error(error: ValidationError) -> str:
     """
     lines = []
     for item in error.errors():
-        loc: list[str] = []
-        for part in map(str, item["loc"]):
-            after_union_field = bool(loc) and loc[-1] in _UNION_FIELDS
-            if not (_is_union_tag(part) or (after_union_field and part != item["loc"][-1])):
-                loc.append(part)
+        raw = [str(part) for part in item["loc"]]
+        loc = [
+            part
+            for i, part in enumerate(raw)
+            # the tag follows the union's field (``rule``), unless it is the last part
+            if not (_is_union_tag(part) or (0 < i < len(raw) - 1 and raw[i - 1] in _UNION_FIELDS))
+        ]
         msg = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             msg = "unknown field"
@@ -428,6 +431,16 @@ def load_experiment(
     """Read, override and validate an experiment config."""
     data = read_mapping(Path(source)) if isinstance(source, (str, Path)) else dict(source)
     return validate_experiment(apply_overrides(data, overrides), registry)
+
+
+def without_location(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A dumped config without ``data.data_dir``, which says only where the dataset's
+    files are: a run resumed, or an ablation restarted, with the data moved (another
+    ``--data-dir``) is the same run."""
+    data = config.get("data")
+    if not isinstance(data, Mapping):
+        return dict(config)
+    return {**config, "data": {k: v for k, v in data.items() if k != "data_dir"}}
 
 
 def dump_experiment(config: ExperimentConfigBase) -> dict[str, Any]:

@@ -29,9 +29,9 @@ import shutil
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -50,14 +50,18 @@ from kfe.experiment.config import (
     ExperimentConfigBase,
     TorchOptimizerConfig,
     dump_experiment,
+    without_location,
 )
 from kfe.experiment.setup import LOSS_REDUCTION, Experiment, build_experiment
 from kfe.registry import Registry
 
 __all__ = ["autocast", "batches", "evaluate", "preflight", "train", "train_step"]
 
+T = TypeVar("T")
+
 RESUMABLE_CHANGES = frozenset({"epochs", "max_steps", "progress", "tensorboard", "name"})
-"""Config fields that may differ between a checkpoint and the run that resumes it."""
+"""Config fields that may differ between a checkpoint and the run that resumes it (and
+``data.data_dir``, see :func:`kfe.experiment.config.without_location`)."""
 
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
@@ -221,7 +225,7 @@ def _parse_row(line: str) -> dict[str, Any] | None:
 
 def _check_resumable(saved: dict[str, Any], config: ExperimentConfigBase) -> None:
     """The checkpoint's config equals ``config`` but for :data:`RESUMABLE_CHANGES`."""
-    current = dump_experiment(config)
+    saved, current = without_location(saved), without_location(dump_experiment(config))
     changed = sorted(
         k
         for k in set(saved) | set(current)
@@ -373,13 +377,7 @@ def _held_files(run_dir: Path) -> list[str]:
 def _claim(exp: Experiment, run_dir: Path, overwrite: bool) -> None:
     """Make ``run_dir`` ready for a fresh run: refuse one that holds a run, or with
     ``overwrite`` delete that run's files. The main rank decides for every rank."""
-    held = _held_files(run_dir) if exp.is_main else []
-    if exp.world_size > 1:
-        import torch.distributed as dist
-
-        shared: list[Any] = [held]
-        dist.broadcast_object_list(shared, src=0)
-        held = shared[0]
+    held: list[str] = _from_main(exp, lambda: _held_files(run_dir), [])
     if not held:
         return
     if not overwrite:
@@ -401,16 +399,43 @@ def _holds_a_run(run_dir: Path, held: list[str]) -> str:
     )
 
 
-def preflight(run_dir: Path, resume: bool) -> None:
-    """The refusals of :func:`train` that need no model, checked before other work (the
-    CLI profiles first with ``--profile``): with ``resume`` a missing checkpoint, without
-    it a folder that holds a run. Raises :class:`ConfigError`; writes nothing."""
+def _from_main(exp: Experiment, decide: Callable[[], T], default: T) -> T:
+    """``decide()`` on the main rank, broadcast to every rank (one decision for all,
+    even without a shared filesystem)."""
+    value = decide() if exp.is_main else default
+    if exp.world_size > 1:
+        import torch.distributed as dist
+
+        shared: list[Any] = [value]
+        dist.broadcast_object_list(shared, src=0)
+        value = shared[0]
+    return value
+
+
+def preflight(exp: Experiment, config: ExperimentConfigBase, run_dir: Path, resume: bool) -> None:
+    """The refusals of :func:`train` about ``run_dir``, checked before other work writes
+    there (the CLI's ``--profile``): with ``resume`` a checkpoint that is missing,
+    damaged or of another config; without it a folder that holds a run. The main rank
+    decides for all; raises :class:`ConfigError` and writes nothing."""
     run_dir = Path(run_dir)
-    if resume and not (run_dir / CHECKPOINT).is_file():
-        raise CheckpointError(_no_checkpoint(run_dir / CHECKPOINT))
-    held = [] if resume else _held_files(run_dir)
-    if held:
-        raise ConfigError(_holds_a_run(run_dir, held))
+
+    def refusal() -> str | None:
+        if not resume:
+            held = _held_files(run_dir)
+            return _holds_a_run(run_dir, held) if held else None
+        path = run_dir / CHECKPOINT
+        try:
+            if not path.is_file():
+                raise CheckpointError(_no_checkpoint(path))
+            state = load_checkpoint(path, "cpu", required=CHECKPOINT_ENTRIES)
+            _check_resumable(state["config"], config)
+        except ConfigError as exc:
+            return str(exc)
+        return None
+
+    message = _from_main(exp, refusal, None)
+    if message is not None:
+        raise ConfigError(message)
 
 
 def _evaluate_row(
