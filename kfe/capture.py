@@ -61,6 +61,17 @@ def check_loss(kind: str, reduction: str) -> None:
         raise ValueError(f"reduction: must be 'mean' or 'sum', not {reduction!r}")
 
 
+def check_output(output: object, kind: str) -> None:
+    """Raise a ``TypeError``/``ValueError`` naming ``output`` if it is not a tensor of a
+    shape ``kind`` can sample from (``(n, ...)``; ``(n, ..., C)`` for ``cross_entropy``)."""
+    if not isinstance(output, Tensor):
+        raise TypeError(f"output: must be the model's output tensor, not {type(output).__name__}")
+    need = 2 if kind == "cross_entropy" else 1
+    if output.dim() < need:
+        shape = "(n, C) or (n, T, C) logits" if need == 2 else "(n, ...) with a batch dim"
+        raise ValueError(f"output: kind {kind!r} needs {shape}, got shape {tuple(output.shape)}")
+
+
 def sample_loss(
     output: Tensor,
     kind: LossKind,
@@ -92,6 +103,7 @@ def sample_loss(
     the loss itself.
     """
     check_loss(kind, reduction)
+    check_output(output, kind)
     out = output.detach()
     if kind == "cross_entropy":
         logits = out.reshape(-1, out.shape[-1])
@@ -162,12 +174,23 @@ class CurvatureCapture:
         the optimizer's ``wants_statistics`` is true. Parameter ``.grad`` is untouched.
         """
         check_loss(kind, reduction)
+        check_output(output, kind)
         if not self.active:
             return
         if self.fisher != "true":
             raise RuntimeError("sample_fisher needs the optimizer built with fisher='true'")
+        if not output.requires_grad:
+            raise ValueError(
+                "output: does not require grad (detached, or computed under torch.no_grad); "
+                "pass the model's output of this step's forward pass"
+            )
         blocks = [b for b in self.blocks if self.captured[b].outputs]
         if not blocks:
+            if any(g is not None for b in self.blocks for g in self.captured[b].grads):
+                raise RuntimeError(
+                    "sample_fisher was already called for this step's forward pass: call it "
+                    "once per forward, before loss.backward()"
+                )
             raise RuntimeError("sample_fisher found no captured forward pass in this step")
         outs = [o for b in blocks for o in self.captured[b].outputs]
         grads = torch.autograd.grad(
@@ -176,6 +199,11 @@ class CurvatureCapture:
             retain_graph=True,
             allow_unused=True,
         )
+        if all(g is None for g in grads):
+            raise ValueError(
+                "output: does not depend on any tracked layer's output captured in this "
+                "step (pass the output of the model the optimizer was built on)"
+            )
         it = iter(grads)
         for b in blocks:
             for slot, out in enumerate(self.captured[b].outputs):

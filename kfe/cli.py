@@ -15,7 +15,7 @@
 A bad config, an unknown field or a missing dataset ends with exit code 2 and one
 message per problem naming the field path and the allowed values; no traceback. So does
 a bad argument (a count below 1, a non-finite ``--target``, an ``--out`` that is a file,
-a ``RUN_DIR`` with nothing to report), checked before anything runs.
+a ``RUN_DIR`` with nothing to report), checked before anything is written.
 """
 
 from __future__ import annotations
@@ -46,13 +46,21 @@ USAGE_ERROR = 2
 PROFILE_STEPS = 3
 """Active steps of ``kfe train --profile`` without ``--profile-steps``."""
 
-_COUNT_FLAGS = (
-    ("workers", "--workers"),
-    ("steps", "--steps"),
-    ("profile_steps", "--profile-steps"),
-    ("every", "--every"),
-)
-"""Whole-number flags (``dest``, flag) that must be at least 1 where a command has them."""
+
+def positive_int(text: str) -> int:
+    """argparse ``type=`` of a count: a whole number >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, not {value}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """argparse ``type=`` of ``--target``: a finite number."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, not {value}")
+    return value
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -82,38 +90,23 @@ def _data_dir_override(args: argparse.Namespace) -> None:
         args.overrides.append(f"data.data_dir={path}")
 
 
-def _folder(path: Path, flag: str = "--out") -> Path:
-    """``path`` if it is a folder or can be made one; else a :class:`ConfigError` naming
-    ``flag`` (``path`` exists as a file, or lies inside a file)."""
+def _out(args: argparse.Namespace, default: Path) -> Path:
+    """``--out`` (else ``default``) if it is a folder or can be made one; else a
+    :class:`ConfigError` naming it (it exists as a file, or lies inside a file)."""
+    path: Path = args.out or default
     for part in (path, *path.parents):
         if part.is_dir():
             return path
         if part.exists() or part.is_symlink():
             where = "exists and" if part == path else f"is inside {part}, which"
-            raise ConfigError(f"{flag}: {path} {where} is not a folder; give a folder path")
+            fix = "give a folder path" if args.out else "pass --out DIR"
+            name = "--out" if args.out else "the default output folder"
+            raise ConfigError(f"{name}: {path} {where} is not a folder; {fix}")
     return path
 
 
-def _out(args: argparse.Namespace, config: ExperimentConfigBase, suffix: str = "") -> Path:
-    """``--out``, or ``runs/<name><suffix>``; checked to be usable as a folder."""
-    return _folder(args.out or Path("runs") / f"{config.name}{suffix}")
-
-
-def check_args(args: argparse.Namespace) -> None:
-    """Refuse bad flag values before anything is read, run or written: a count below 1,
-    ``--profile-steps`` without ``--profile``, a non-finite ``--target``, an ``--out``
-    that is not a folder (a :class:`ConfigError` naming the flag)."""
-    for dest, flag in _COUNT_FLAGS:
-        value = getattr(args, dest, None)
-        if value is not None and value < 1:
-            raise ConfigError(f"{flag}: must be a whole number >= 1, not {value}")
-    if getattr(args, "profile_steps", None) is not None and not args.profile:
-        raise ConfigError("--profile-steps: only used with --profile; add --profile or drop it")
-    for target in getattr(args, "target", None) or ():
-        if not math.isfinite(target):
-            raise ConfigError(f"--target: must be a finite number, not {target}")
-    if getattr(args, "out", None) is not None:
-        _folder(args.out)
+def _runs(config: ExperimentConfigBase, suffix: str = "") -> Path:
+    return Path("runs") / f"{config.name}{suffix}"
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -121,8 +114,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from kfe.experiment.setup import build_experiment
     from kfe.experiment.train import preflight, train
 
+    if args.profile_steps is not None and not args.profile:
+        raise ConfigError("--profile-steps: only used with --profile; add --profile or drop it")
     config = load_experiment(args.config, args.overrides)
-    out = _out(args, config)
+    out = _out(args, _runs(config))
     try:
         exp = build_experiment(config)
         if args.profile:
@@ -154,7 +149,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
     raw = apply_overrides(read_mapping(args.config), args.overrides)
     config = validate_experiment(raw)
-    out = _out(args, config, "-ablation")
+    out = _out(args, _runs(config, "-ablation"))
     rows = run_ablation(config, raw, out, workers=args.workers)
     failed = [r["run_id"] for r in rows if r["status"] != "done"]
     print(f"results: {out / 'results.csv'}")
@@ -174,7 +169,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise ConfigError(f"RUN_DIR: {run_dir} does not exist")
     if not run_dir.is_dir():
         raise ConfigError(f"RUN_DIR: {run_dir} is not a folder (give a run or an ablation folder)")
-    out = _folder(args.out or run_dir / "report")
+    out = _out(args, run_dir / "report")
     try:
         files = write_report(run_dir, out, targets=args.target or None)
     except ReportError as exc:
@@ -188,7 +183,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from kfe.experiment.setup import build_experiment
 
     config = load_experiment(args.config, args.overrides)
-    out = _out(args, config, "-profile")
+    out = _out(args, _runs(config, "-profile"))
     exp = build_experiment(config)
     profile_experiment(exp, out, args.steps)
     return 0
@@ -198,7 +193,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     from kfe.experiment.diagnose import diagnose_experiment
 
     config = load_experiment(args.config, args.overrides)
-    out = _out(args, config, "-diagnose")
+    out = _out(args, _runs(config, "-diagnose"))
     diagnose_experiment(config, out, layers=args.layer, every=args.every, steps=args.steps)
     return 0
 
@@ -261,35 +256,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parsers["train"].add_argument(
         "--profile-steps",
-        type=int,
+        type=positive_int,
         metavar="N",
-        help=f"active steps profiled with --profile (>= 1; default {PROFILE_STEPS})",
+        help=f"active steps profiled with --profile (default {PROFILE_STEPS})",
     )
     parsers["ablate"].add_argument(
-        "--workers", type=int, help="parallel worker processes (>= 1; default: ablate.workers)"
+        "--workers", type=positive_int, help="parallel worker processes (default: ablate.workers)"
     )
     parsers["report"].add_argument("run_dir", type=Path, help="a run or an ablation folder")
     parsers["report"].add_argument("--out", type=Path, help="default: RUN_DIR/report")
     parsers["report"].add_argument(
         "--target",
-        type=float,
+        type=finite_float,
         action="append",
         help="target loss for time-to-target (a finite number; repeatable)",
     )
-    parsers["profile"].add_argument("--steps", type=int, default=3, help="active steps (>= 1)")
+    parsers["profile"].add_argument("--steps", type=positive_int, default=3, help="active steps")
     diagnose = parsers["diagnose"]
     diagnose.add_argument("--layer", action="append", required=True, help="layer name")
-    diagnose.add_argument("--every", type=int, default=10, help="sample every N steps (>= 1)")
-    diagnose.add_argument("--steps", type=int, help="training steps (>= 1; default: the config's)")
+    diagnose.add_argument("--every", type=positive_int, default=10, help="sample every N steps")
+    diagnose.add_argument(
+        "--steps", type=positive_int, help="training steps (default: the config's)"
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``kfe`` console script; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # a bad flag (argparse printed usage and the error), --help
+        return exc.code if isinstance(exc.code, int) else USAGE_ERROR
     _data_dir_override(args)
     try:
-        check_args(args)
         return int(args.func(args))
     except ConfigError as exc:
         print(f"kfe {args.command}: error:\n{_indent(str(exc))}", file=sys.stderr)

@@ -72,7 +72,7 @@ import torch
 from torch import Tensor, nn
 
 from kfe import state_keys as K
-from kfe.capture import LossKind, Reduction, sample_loss
+from kfe.capture import LossKind, Reduction, check_loss, sample_loss
 from kfe.inspection import inspect_layer
 
 if TYPE_CHECKING:
@@ -108,6 +108,8 @@ def resolve_layers(
     optimizer: KFEOptimizer, layers: Sequence[str], max_dim: int = DIAGNOSTIC_MAX_DIM
 ) -> list[LayerBlock]:
     """The tracked blocks named ``layers``; clear errors for unknown or too large ones."""
+    if isinstance(layers, str):
+        raise TypeError(f"layers: must be a list of module names, not the str {layers!r}")
     tracked = [b for b in optimizer.blocks if b.tracked]
     names = ", ".join(repr(b.name) for b in tracked)
     blocks = []
@@ -124,6 +126,24 @@ def resolve_layers(
             )
         blocks.append(block)
     return blocks
+
+
+def check_sampling(fisher: str, loss_kind: str | None, reduction: str, mc_samples: object) -> None:
+    """Raise a ``ValueError``/``TypeError`` naming the argument for a bad Fisher kind,
+    ``loss_kind``, ``reduction`` or ``mc_samples``."""
+    if fisher not in ("empirical", "true"):
+        raise ValueError(f"fisher must be 'empirical' or 'true', not {fisher!r}")
+    if fisher == "true" and loss_kind is None:
+        raise ValueError("the true Fisher needs loss_kind ('cross_entropy', 'bce' or 'mse')")
+    if loss_kind is not None:
+        try:
+            check_loss(loss_kind, reduction)
+        except ValueError as e:
+            raise ValueError(str(e).replace("kind:", "loss_kind:", 1)) from None
+    if not isinstance(mc_samples, int) or isinstance(mc_samples, bool):
+        raise TypeError(f"mc_samples: must be a positive int, not {mc_samples!r}")
+    if mc_samples < 1:
+        raise ValueError(f"mc_samples: must be at least 1, not {mc_samples}")
 
 
 def layer_gradients(
@@ -159,10 +179,7 @@ def layer_gradients(
         mc_samples: label draws per example (``"true"`` only).
     """
     fisher = fisher or optimizer.config.fisher
-    if fisher == "true" and loss_kind is None:
-        raise ValueError("the true Fisher needs loss_kind ('cross_entropy', 'bce' or 'mse')")
-    if fisher not in ("empirical", "true"):
-        raise ValueError(f"fisher must be 'empirical' or 'true', not {fisher!r}")
+    check_sampling(fisher, loss_kind, reduction, mc_samples)
     blocks = resolve_layers(optimizer, layers, max_dim)
     inputs: dict[str, list[Tensor]] = {b.name: [] for b in blocks}
     outputs: dict[str, list[Tensor]] = {b.name: [] for b in blocks}
@@ -373,6 +390,7 @@ class CurvatureDiagnostics:
         self.fisher: FisherKind = fisher or optimizer.config.fisher
         if self.fisher == "true" and loss_kind is None:
             raise ValueError("fisher='true' needs loss_kind ('cross_entropy', 'bce' or 'mse')")
+        check_sampling(self.fisher, loss_kind, reduction, mc_samples)
         self.loss_kind = loss_kind
         self.reduction: Reduction = reduction
         self.mc_samples = mc_samples

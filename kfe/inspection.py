@@ -59,6 +59,8 @@ class LayerCurvature:
         return self.basis.U_B.shape[0] * self.basis.U_A.shape[0]
 
     def _check_size(self, max_params: int) -> None:
+        if not isinstance(max_params, int) or isinstance(max_params, bool):
+            raise TypeError(f"max_params: must be an int, not {max_params!r}")
         if self.num_params > max_params:
             raise ValueError(
                 f"layer {self.name!r} has {self.num_params} parameters; dense blocks are "

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 import os
 import warnings
 from collections import defaultdict
@@ -147,8 +148,55 @@ def _per_example(job: _Job) -> list[tuple[Tensor, Tensor]]:
     ]
 
 
+def _checked_scale(loss_scale: object) -> float:
+    """``loss_scale`` as a float: a real number or a one-element tensor, positive, finite."""
+    one_element = isinstance(loss_scale, Tensor) and loss_scale.numel() == 1
+    real = isinstance(loss_scale, numbers.Real) and not isinstance(loss_scale, bool)
+    if one_element or real:
+        value = float(cast(Any, loss_scale))
+    else:
+        raise TypeError(
+            f"loss_scale: must be a positive finite number (a float or a one-element tensor), "
+            f"not {loss_scale!r}"
+        )
+    if not 0 < value < math.inf:
+        raise ValueError(f"loss_scale: must be a positive finite number, not {loss_scale!r}")
+    return value
+
+
 def _as_tuple(value: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     return (value,) if isinstance(value, Tensor) else value
+
+
+def _checked_params(params: Iterable[Any]) -> list[Any]:
+    """``params`` as a list (a generator is read once), refusing what torch would accept
+    silently or report obscurely: a group without ``"params"``, a parameter listed twice
+    (it would be updated twice per step)."""
+    if isinstance(params, Tensor):
+        raise TypeError(
+            "params: must be an iterable of parameters or of parameter groups (dicts), "
+            f"not a single tensor of shape {tuple(params.shape)}"
+        )
+    items = list(params)
+    groups = items if items and all(isinstance(g, Mapping) for g in items) else [{"params": items}]
+    seen: set[Tensor] = set()
+    for i, group in enumerate(groups):
+        if not isinstance(group, Mapping):
+            continue
+        if "params" not in group:
+            raise KeyError(f"params: parameter group {i} has no 'params' entry")
+        members = group["params"]
+        members = [members] if isinstance(members, Tensor) else list(members)
+        for p in members:
+            if not isinstance(p, Tensor):
+                continue  # torch's own TypeError names it
+            if p in seen:
+                raise ValueError(
+                    f"params: a parameter of shape {tuple(p.shape)} is listed more than once "
+                    f"(group {i}); each parameter may appear once"
+                )
+            seen.add(p)
+    return items
 
 
 class _Update(NamedTuple):
@@ -227,6 +275,8 @@ class KFEOptimizer(torch.optim.Optimizer):
         registry: Registry | None = None,
         **settings: Any,
     ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: must be a torch.nn.Module, not {type(model).__name__}")
         self.registry = registry or default_registry()
         model_cls = config_model(self.registry)
         if isinstance(config, (str, os.PathLike)):
@@ -242,7 +292,7 @@ class KFEOptimizer(torch.optim.Optimizer):
         )
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
-        super().__init__(params, self.config.group_defaults())
+        super().__init__(_checked_params(params), self.config.group_defaults())
 
         self.source: BasisSource = self.registry.basis(self.config.basis_config.name)(
             self.config.basis_config
@@ -413,8 +463,8 @@ class KFEOptimizer(torch.optim.Optimizer):
                 the true Fisher's come from :meth:`sample_fisher`'s own backward).
                 Default: 1.
         """
-        if loss_scale is not None and not (0 < float(loss_scale) < math.inf):
-            raise ValueError(f"loss_scale: must be a positive finite number, not {loss_scale!r}")
+        if loss_scale is not None:
+            loss_scale = _checked_scale(loss_scale)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -581,6 +631,15 @@ class KFEOptimizer(torch.optim.Optimizer):
             st[K.RULE] = self.rule.state_to_dict(self.rule.init(grad))
             st[K.EIGH_FAILURES] = 0
             st[K.REFRESHES] = 0
+        else:
+            held = st[K.BASIS]["U_A"]
+            if held.dtype != grad.dtype or held.device != grad.device:
+                raise TypeError(
+                    f"layer {block.name!r}: its gradient is {grad.dtype} on {grad.device}, the "
+                    f"optimizer's state {held.dtype} on {held.device} (model.double() / .to() "
+                    "after the optimizer's first step?): cast or move the model before building "
+                    "the optimizer, or build a new one"
+                )
         pairs = []
         if block.tracked:
             saw_input = bool(self.capture.captured[block].inputs)

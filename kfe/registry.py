@@ -150,7 +150,15 @@ def load_registry(plugins: Iterable[object] | None = None) -> Registry:
     if plugins is None:
         pm.load_setuptools_entrypoints(hookspecs.PROJECT)
     else:
-        for plugin in plugins:
+        if isinstance(plugins, (str, bytes)) or not isinstance(plugins, Iterable):
+            raise TypeError(f"plugins: must be a list of plugin objects, not {plugins!r}")
+        hooks = [name for name in vars(hookspecs) if name.startswith(f"{hookspecs.PROJECT}_")]
+        for i, plugin in enumerate(plugins):
+            # any ``kfe_`` attribute counts: pluggy then checks its name and signature
+            if not any(name.startswith(f"{hookspecs.PROJECT}_") for name in dir(plugin)):
+                raise PluginError(
+                    f"plugins[{i}]: {plugin!r} implements no kfe hook ({', '.join(hooks)})"
+                )
             pm.register(plugin, name=getattr(plugin, "__name__", None))
     pm.check_pending()
 

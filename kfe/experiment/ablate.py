@@ -46,7 +46,6 @@ from kfe.registry import Registry
 __all__ = [
     "RunSpec",
     "check_grid",
-    "check_workers",
     "describe_error",
     "expand_grid",
     "read_summary",
@@ -279,22 +278,6 @@ def _run_one(spec: RunSpec, run_dir: str, threads: int) -> dict[str, Any]:
     return {"status": "done", **last}
 
 
-def check_workers(workers: int | str) -> None:
-    """A :class:`ConfigError` unless ``workers`` is ``auto`` or a whole number >= 1."""
-    whole = isinstance(workers, int) and not isinstance(workers, bool)
-    if workers != "auto" and not (whole and int(workers) >= 1):
-        raise ConfigError(f"workers: must be a whole number >= 1 or 'auto', not {workers!r}")
-
-
-def resolve_workers(workers: int | str, n_runs: int) -> int:
-    """How many worker processes: ``workers`` (``auto``: one per 2 cores), at most one
-    per run; a :class:`ConfigError` for fewer than one."""
-    check_workers(workers)
-    cores = os.cpu_count() or 1
-    wanted = max(1, cores // 2) if workers == "auto" else int(workers)
-    return max(1, min(wanted, n_runs))
-
-
 def run_ablation(
     config: ExperimentConfigBase,
     raw: Mapping[str, Any],
@@ -303,17 +286,21 @@ def run_ablation(
     workers: int | None = None,
     registry: Registry | None = None,
 ) -> list[dict[str, Any]]:
-    """Run (or finish) every grid point of ``config.ablate``; returns the results rows."""
+    """Run (or finish) every grid point of ``config.ablate`` with ``workers`` processes
+    (default: ``ablate.workers``; ``auto``: one per 2 cores; at most one per run);
+    returns the results rows."""
     if config.ablate is None:
         raise ConfigError("ablate: the config has no 'ablate' section (grid and/or variants)")
     specs = expand_grid(raw, config.ablate, registry)
     wanted = config.ablate.workers if workers is None else workers
-    check_workers(wanted)  # before anything is written
+    if wanted != "auto" and not (type(wanted) is int and wanted >= 1):  # before writing
+        raise ConfigError(f"workers: must be a whole number >= 1 or 'auto', not {wanted!r}")
     out_dir.mkdir(parents=True, exist_ok=True)
     write_yaml(out_dir / "ablation.yaml", dict(raw))
     todo = [s for s in specs if not _is_done(out_dir / "runs" / s.run_id, s.config)]
-    n_workers = resolve_workers(wanted, max(len(todo), 1))
-    threads = max(1, (os.cpu_count() or 1) // n_workers)
+    cores = os.cpu_count() or 1
+    n_workers = max(1, min(cores // 2 if wanted == "auto" else wanted, len(todo)))
+    threads = max(1, cores // n_workers)
     print(
         f"ablate: {len(specs)} runs, {len(specs) - len(todo)} already done, "
         f"{n_workers} worker(s) x {threads} thread(s)",

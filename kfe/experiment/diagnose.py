@@ -21,7 +21,7 @@ from kfe.experiment.config import ConfigError, ExperimentConfigBase
 from kfe.experiment.setup import LOSS_REDUCTION, build_experiment
 from kfe.experiment.train import batches, train_step
 
-__all__ = ["check_steps", "diagnose_experiment"]
+__all__ = ["diagnose_experiment"]
 
 
 def diagnose_experiment(
@@ -35,8 +35,10 @@ def diagnose_experiment(
 ) -> Path:
     """Train ``config`` for ``steps`` (default: its epochs / ``max_steps``), sampling the
     errors of ``layers`` every ``every`` steps; returns the JSONL path. ``every`` and
-    ``steps`` must be at least 1 (see :func:`check_steps`)."""
-    check_steps(every, steps)
+    ``steps`` must be at least 1 (a :class:`ConfigError` naming the argument)."""
+    for name, value in (("every", every), ("steps", steps)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{name}: must be a whole number of steps >= 1, not {value}")
     exp = build_experiment(config)
     opt = exp.kfe
     if opt is None:
@@ -71,12 +73,3 @@ def diagnose_experiment(
     plot(jsonl, out_dir / "curvature.png")
     print(f"curvature errors: {jsonl} and {out_dir / 'curvature.png'}", file=sys.stderr)
     return jsonl
-
-
-def check_steps(every: int, steps: int | None) -> None:
-    """A :class:`ConfigError` naming ``--every`` or ``--steps`` unless each is >= 1
-    (``steps`` ``None``: the config's length)."""
-    if every < 1:
-        raise ConfigError(f"--every: must be a positive number of steps, not {every}")
-    if steps is not None and steps < 1:
-        raise ConfigError(f"--steps: must be a whole number of steps >= 1, not {steps}")

@@ -19,7 +19,7 @@ from kfe.experiment.setup import Experiment
 from kfe.experiment.train import batches, train_step
 from kfe.profiling import PhaseTable, profile_steps
 
-__all__ = ["check_schedule", "profile_experiment"]
+__all__ = ["profile_experiment"]
 
 
 def profile_experiment(
@@ -30,7 +30,9 @@ def profile_experiment(
     ``steps`` must be at least 1 and ``wait``/``warmup`` at least 0 (a :class:`ConfigError`
     naming the argument, raised before anything runs or is written).
     """
-    check_schedule(steps, wait=wait, warmup=warmup)
+    for name, value, least in (("steps", steps, 1), ("wait", wait, 0), ("warmup", warmup, 0)):
+        if value < least:
+            raise ConfigError(f"{name}: must be a whole number of steps >= {least}, not {value}")
     stream = itertools.chain.from_iterable(batches(exp, epoch) for epoch in itertools.count(1))
 
     def step(i: int) -> None:
@@ -48,12 +50,3 @@ def profile_experiment(
             file=sys.stderr,
         )
     return table
-
-
-def check_schedule(steps: int, *, wait: int = 1, warmup: int = 1) -> None:
-    """A :class:`ConfigError` unless ``steps`` >= 1 and ``wait``, ``warmup`` >= 0."""
-    if steps < 1:
-        raise ConfigError(f"steps: must be a whole number of steps >= 1, not {steps}")
-    for name, value in (("wait", wait), ("warmup", warmup)):
-        if value < 0:
-            raise ConfigError(f"{name}: must be a whole number of steps >= 0, not {value}")
