@@ -4,6 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q "torch==2.13.0"
-python3 -m pip install -q "setuptools>=64"   # tests pip-install examples/kfe-lion offline
+python3 -m pip install -q "setuptools>=70.1"   # tests build wheels offline (bdist_wheel built in)
 python3 -m pip install -q -e ".[dev]"
 bash scripts/datasets.sh
