@@ -2,7 +2,7 @@
 
 ::
 
-    kfe train CONFIG [--out DIR] [--resume] [--set path.to.field=value ...]
+    kfe train CONFIG [--out DIR] [--resume | --overwrite] [--set path.to.field=value ...]
               [--profile [--profile-steps N]]
               [--data-dir DIR]   # also for ablate, profile and diagnose
     kfe ablate CONFIG [--out DIR] [--workers N] [--set ...]
@@ -116,18 +116,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.profile_steps is not None and not args.profile:
         raise ConfigError("--profile-steps: only used with --profile; add --profile or drop it")
+    if args.overwrite and args.resume:
+        raise ConfigError("--overwrite: starts the run over, --resume continues it; pick one")
     config = load_experiment(args.config, args.overrides)
     out = _out(args, _runs(config))
     try:
         exp = build_experiment(config)
         if args.profile:
-            preflight(exp, config, out, args.resume)  # refuse before OUT/profile is written
+            preflight(exp, config, out, args.resume, args.overwrite)  # before OUT/profile
             from kfe.experiment.profile import profile_experiment
 
             steps = PROFILE_STEPS if args.profile_steps is None else args.profile_steps
             profile_experiment(exp, out / "profile", steps=steps)
             exp = build_experiment(config)  # the profiled steps do not count
-        last = train(config, out, resume=args.resume, experiment=exp)
+        last = train(config, out, resume=args.resume, overwrite=args.overwrite, experiment=exp)
     except BaseException:
         shutdown()  # under torchrun: leave the process group, then report the error
         raise
@@ -250,6 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
         _config_args(parsers[name])
     parsers["train"].add_argument(
         "--resume", action="store_true", help="continue from OUT/checkpoint.pt"
+    )
+    parsers["train"].add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in an OUT that holds a run (its checkpoint, metrics, summary and "
+        "TensorBoard events are deleted); without it such an OUT is refused",
     )
     parsers["train"].add_argument(
         "--profile", action="store_true", help="profile a few steps first (OUT/profile)"

@@ -253,6 +253,22 @@ def test_a_fresh_run_into_an_existing_folder_without_a_run_trains(
     assert epochs(out) == [0, 1]
 
 
+def test_overwrite_flag_starts_the_run_over(
+    config: Path, finished: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``kfe train --overwrite`` into a folder holding a run trains from scratch there;
+    with ``--resume`` it is refused (they contradict each other)."""
+    run = copy_run(finished, tmp_path)
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"epoch": 7, "step": 28}\n')  # a row only the old run had
+    (run / "tb").mkdir(exist_ok=True)
+    (run / "tb" / "events.old").write_text("x")
+    assert kfe_train(config, run, "--overwrite") == 0, capsys.readouterr().err
+    assert epochs(run) == [0, 1] and not (run / "tb" / "events.old").exists()
+    rc = kfe_train(config, run, "--overwrite", "--resume")
+    refused(capsys, rc, "--overwrite", "--resume")
+
+
 def test_train_overwrite_starts_the_run_over(finished: Path, tmp_path: Path) -> None:
     """``train(..., overwrite=True)`` (for callers that restart a run on purpose) deletes
     the old run's files and trains from scratch."""

@@ -395,7 +395,7 @@ def _claim(exp: Experiment, run_dir: Path, overwrite: bool) -> None:
 def _holds_a_run(run_dir: Path, held: list[str]) -> str:
     return (
         f"{run_dir}: already holds a run ({', '.join(held)}); pass --resume to continue "
-        "it, or choose another --out, or delete the folder to start over"
+        "it, --overwrite to start over there (its files are deleted), or another --out"
     )
 
 
@@ -412,16 +412,23 @@ def _from_main(exp: Experiment, decide: Callable[[], T], default: T) -> T:
     return value
 
 
-def preflight(exp: Experiment, config: ExperimentConfigBase, run_dir: Path, resume: bool) -> None:
+def preflight(
+    exp: Experiment,
+    config: ExperimentConfigBase,
+    run_dir: Path,
+    resume: bool,
+    overwrite: bool = False,
+) -> None:
     """The refusals of :func:`train` about ``run_dir``, checked before other work writes
     there (the CLI's ``--profile``): with ``resume`` a checkpoint that is missing,
-    damaged or of another config; without it a folder that holds a run. The main rank
-    decides for all; raises :class:`ConfigError` and writes nothing."""
+    damaged or of another config; without it (and without ``overwrite``) a folder that
+    holds a run. The main rank decides for all; raises :class:`ConfigError` and writes
+    nothing."""
     run_dir = Path(run_dir)
 
     def refusal() -> str | None:
         if not resume:
-            held = _held_files(run_dir)
+            held = [] if overwrite else _held_files(run_dir)
             return _holds_a_run(run_dir, held) if held else None
         path = run_dir / CHECKPOINT
         try:
