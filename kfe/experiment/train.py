@@ -194,8 +194,8 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     """
     if not path.is_file():
         return []
-    numbered = [(n, line) for n, line in enumerate(path.read_text().splitlines(), 1)]
-    numbered = [(n, line) for n, line in numbered if line.strip()]
+    lines = enumerate(path.read_text().splitlines(), 1)
+    numbered = [(n, line) for n, line in lines if line.strip()]
     rows = []
     for i, (n, line) in enumerate(numbered):
         row = _parse_row(line)
@@ -333,13 +333,7 @@ def _resume(
 ) -> tuple[int, int, float]:
     """Restore model, optimizer and ``generator`` from the checkpoint at ``path``; returns
     its ``(epoch, step, time)``. Reads only: every refusal comes before any write."""
-    if not path.is_file():
-        raise CheckpointError(_no_checkpoint(path))
-    try:
-        state = load_checkpoint(path, exp.device, required=CHECKPOINT_ENTRIES)
-    except CheckpointError as exc:  # kfe ablate retries it on every restart otherwise
-        raise CheckpointError(f"{exc}; delete it to start the run over") from None
-    _check_resumable(state["config"], config)
+    state = _resumable_state(path, config, exp.device)
     saved = state["generator"]  # one per rank of the saving run
     try:
         exp.module.load_state_dict(state["model"])
@@ -351,6 +345,21 @@ def _resume(
             f"{path}: not a checkpoint of this model and optimizer: {type(exc).__name__}: {first}"
         ) from None
     return state["epoch"], state["step"], float(state["time"])
+
+
+def _resumable_state(
+    path: Path, config: ExperimentConfigBase, device: str | torch.device
+) -> dict[str, Any]:
+    """The checkpoint at ``path``, present, readable and of ``config`` (but for
+    :data:`RESUMABLE_CHANGES`); else a :class:`CheckpointError`/:class:`ConfigError`."""
+    if not path.is_file():
+        raise CheckpointError(_no_checkpoint(path))
+    try:
+        state = load_checkpoint(path, device, required=CHECKPOINT_ENTRIES)
+    except CheckpointError as exc:  # kfe ablate retries it on every restart otherwise
+        raise CheckpointError(f"{exc}; delete it to start the run over") from None
+    _check_resumable(state["config"], config)
+    return state
 
 
 def _no_checkpoint(path: Path) -> str:
@@ -430,12 +439,8 @@ def preflight(
         if not resume:
             held = [] if overwrite else _held_files(run_dir)
             return _holds_a_run(run_dir, held) if held else None
-        path = run_dir / CHECKPOINT
         try:
-            if not path.is_file():
-                raise CheckpointError(_no_checkpoint(path))
-            state = load_checkpoint(path, "cpu", required=CHECKPOINT_ENTRIES)
-            _check_resumable(state["config"], config)
+            _resumable_state(run_dir / CHECKPOINT, config, "cpu")
         except ConfigError as exc:
             return str(exc)
         return None
