@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import warnings
+from collections import defaultdict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -10,7 +13,11 @@ from torch import Tensor, nn
 from kfe.adapter import LayerAdapter
 from kfe.basis import PAD_MULTIPLE
 
-__all__ = ["LayerBlock"]
+if TYPE_CHECKING:
+    from kfe.registry import Registry
+    from kfe.source import BasisSource
+
+__all__ = ["LayerBlock", "factor_sides", "find_blocks"]
 
 
 @dataclass(eq=False)
@@ -75,3 +82,68 @@ class LayerBlock:
         out[..., d:width] = 1
         out[..., width:] = 0
         return out
+
+
+def find_blocks(
+    model: nn.Module, registry: Registry, params: set[nn.Parameter], source: BasisSource
+) -> list[LayerBlock]:
+    """The blocks of ``model``: layers with an adapter whose weight is optimised, then
+    (if ``source`` covers them) every other optimised parameter with at least two dims.
+
+    A layer of a known type that cannot be tracked has its parameters left to the
+    fallback rule (or to a source that covers untracked parameters), and one warning
+    lists every such layer with the reason: its adapter refuses it
+    (:meth:`LayerAdapter.supports`), its weight is computed
+    (``torch.nn.utils.parametrize``), or several layers share its weight (one block
+    cannot hold two layers' captures and biases).
+    """
+    found = []
+    untracked: list[str] = []
+    for name, module in model.named_modules():
+        adapter = registry.adapter_for(module)
+        if adapter is None:
+            continue
+        name = name or type(module).__name__
+        optimised = any(p in params for p in module.parameters())
+        reason = adapter.supports(module)
+        weight = None if reason is not None else adapter.weight(module)
+        if reason is None and weight is None:
+            reason = "weight not a parameter: computed by torch.nn.utils.parametrize?"
+        if reason is not None:
+            if optimised:
+                untracked.append(f"{name!r} ({reason})")
+        elif weight in params:
+            found.append((name, module, adapter, weight))
+    users: dict[nn.Parameter, list[str]] = defaultdict(list)
+    for name, _, _, weight in found:
+        users[weight].append(name)
+    blocks = []
+    for name, module, adapter, weight in found:
+        if len(users[weight]) > 1:
+            others = ", ".join(repr(n) for n in users[weight] if n != name)
+            untracked.append(f"{name!r} (shares its weight with {others})")
+            continue
+        bias = adapter.bias(module)
+        if bias is not None and bias not in params:
+            bias = None  # a frozen bias is a constant shift, not a parameter of the block
+        blocks.append(LayerBlock(name, module, adapter, weight, bias))
+    if untracked:
+        warnings.warn(
+            f"layers not tracked: {', '.join(untracked)}; their parameters take the "
+            f"fallback rule, unless the basis covers untracked parameters",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    if source.covers_untracked:
+        taken = {p for b in blocks for p in b.params}
+        for name, p in model.named_parameters():
+            if p in params and p not in taken and p.dim() >= 2:
+                blocks.append(LayerBlock(name, None, None, p, None))
+    return blocks
+
+
+def factor_sides(block: LayerBlock) -> tuple[int, int]:
+    """``(d_A, d_B)``: the sides of a block's two factors, from its matrix shape."""
+    with torch.no_grad():
+        d_out, d_in = block.matrix(*(p.detach() for p in block.params)).shape
+    return d_in, d_out

@@ -26,118 +26,36 @@ parameter space (the identity basis).
 
 from __future__ import annotations
 
-import itertools
-import math
-import numbers
 import os
+import sys
 import warnings
-from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple, cast
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
 from kfe import state_keys as K
-from kfe.basis import Eigenbasis, _match
-from kfe.block import LayerBlock
+from kfe.basis import Eigenbasis
+from kfe.block import LayerBlock, factor_sides, find_blocks
 from kfe.capture import CurvatureCapture, LossKind, Reduction
+from kfe.checkpoint import check_loadable, restore_state, state_kinds
+from kfe.checks import all_finite, checked_params, checked_scale, finite_each
 from kfe.config import KFEConfigBase, config_model, load_config
 from kfe.distributed import Communicator, Solved, assign_owners, world
-from kfe.eigh import power_qr, robust_eigh
 from kfe.profiling import phase
+from kfe.refresh import fold_factors, solve_factor
 from kfe.registry import Registry, default_registry
 from kfe.rule import BasisPolicy, Rule, RuleContext, Statistic
 from kfe.source import BasisSource
-from kfe.statistics import kfe_moments
+from kfe.statistics import captures_sum_to, kfe_moments
+from kfe.update import Update, apply_update, clip_kl
 
 __all__ = ["KFEOptimizer"]
 
 
-def find_blocks(
-    model: nn.Module, registry: Registry, params: set[nn.Parameter], source: BasisSource
-) -> list[LayerBlock]:
-    """The blocks of ``model``: layers with an adapter whose weight is optimised, then
-    (if ``source`` covers them) every other optimised parameter with at least two dims.
-
-    A layer of a known type that cannot be tracked has its parameters left to the
-    fallback rule (or to a source that covers untracked parameters), and one warning
-    lists every such layer with the reason: its adapter refuses it
-    (:meth:`LayerAdapter.supports`), its weight is computed
-    (``torch.nn.utils.parametrize``), or several layers share its weight (one block
-    cannot hold two layers' captures and biases).
-    """
-    found = []
-    untracked: list[str] = []
-    for name, module in model.named_modules():
-        adapter = registry.adapter_for(module)
-        if adapter is None:
-            continue
-        name = name or type(module).__name__
-        optimised = any(p in params for p in module.parameters())
-        reason = adapter.supports(module)
-        weight = None if reason is not None else adapter.weight(module)
-        if reason is None and weight is None:
-            reason = "weight not a parameter: computed by torch.nn.utils.parametrize?"
-        if reason is not None:
-            if optimised:
-                untracked.append(f"{name!r} ({reason})")
-        elif weight in params:
-            found.append((name, module, adapter, weight))
-    users: dict[nn.Parameter, list[str]] = defaultdict(list)
-    for name, _, _, weight in found:
-        users[weight].append(name)
-    blocks = []
-    for name, module, adapter, weight in found:
-        if len(users[weight]) > 1:
-            others = ", ".join(repr(n) for n in users[weight] if n != name)
-            untracked.append(f"{name!r} (shares its weight with {others})")
-            continue
-        bias = adapter.bias(module)
-        if bias is not None and bias not in params:
-            bias = None  # a frozen bias is a constant shift, not a parameter of the block
-        blocks.append(LayerBlock(name, module, adapter, weight, bias))
-    if untracked:
-        warnings.warn(
-            f"layers not tracked: {', '.join(untracked)}; their parameters take the "
-            f"fallback rule, unless the basis covers untracked parameters",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-    if source.covers_untracked:
-        taken = {p for b in blocks for p in b.params}
-        for name, p in model.named_parameters():
-            if p in params and p not in taken and p.dim() >= 2:
-                blocks.append(LayerBlock(name, None, None, p, None))
-    return blocks
-
-
-def _finite_each(tensors: Sequence[Tensor | None]) -> list[bool]:
-    """Per tensor, whether every entry is finite (``None`` counts as finite), with one
-    host sync: NaN and inf propagate through sums, the cheapest reduction (a finite
-    tensor whose sum overflows counts as not)."""
-    present = [t for t in tensors if t is not None]
-    if not present:
-        return [True] * len(tensors)
-    sums = [t.sum() if t.element_size() >= 4 else t.sum(dtype=torch.float32) for t in present]
-    flags = iter(torch.stack([s.double() for s in sums]).isfinite().tolist())
-    return [True if t is None else next(flags) for t in tensors]
-
-
-def _all_finite(tensors: list[Tensor]) -> bool:
-    """Whether every entry of every tensor is finite (one host sync)."""
-    return all(_finite_each(tensors))
-
-
 _FACTOR = {"A": K.FACTOR_A, "B": K.FACTOR_B}
-
-
-def _factor_sides(block: LayerBlock) -> tuple[int, int]:
-    """``(d_A, d_B)``: the sides of a block's two factors, from its matrix shape."""
-    with torch.no_grad():
-        d_out, d_in = block.matrix(*(p.detach() for p in block.params)).shape
-    return d_in, d_out
 
 
 def _per_example(job: _Job) -> list[tuple[Tensor, Tensor]]:
@@ -148,66 +66,21 @@ def _per_example(job: _Job) -> list[tuple[Tensor, Tensor]]:
     ]
 
 
-def _checked_scale(loss_scale: object) -> float:
-    """``loss_scale`` as a float: a real number or a one-element tensor, positive, finite."""
-    one_element = isinstance(loss_scale, Tensor) and loss_scale.numel() == 1
-    real = isinstance(loss_scale, numbers.Real) and not isinstance(loss_scale, bool)
-    if one_element or real:
-        value = float(cast(Any, loss_scale))
-    else:
-        raise TypeError(
-            f"loss_scale: must be a positive finite number (a float or a one-element tensor), "
-            f"not {loss_scale!r}"
-        )
-    if not 0 < value < math.inf:
-        raise ValueError(f"loss_scale: must be a positive finite number, not {loss_scale!r}")
-    return value
+_INSIDE = (__file__, os.path.dirname(torch.__file__) + os.sep)
+
+
+def _outside_level() -> int:
+    """The ``stacklevel`` that makes a warning raised in this function's caller point at
+    the first frame outside this module and the ``torch`` package: the line that called
+    ``step`` (through torch's wrappers), in user code or in kfe's own loops."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_INSIDE):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _as_tuple(value: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     return (value,) if isinstance(value, Tensor) else value
-
-
-def _checked_params(params: Iterable[Any]) -> list[Any]:
-    """``params`` as a list (a generator is read once), refusing what torch would accept
-    silently or report obscurely: a group without ``"params"``, a parameter listed twice
-    (it would be updated twice per step)."""
-    if isinstance(params, Tensor):
-        raise TypeError(
-            "params: must be an iterable of parameters or of parameter groups (dicts), "
-            f"not a single tensor of shape {tuple(params.shape)}"
-        )
-    items = list(params)
-    groups = items if items and all(isinstance(g, Mapping) for g in items) else [{"params": items}]
-    seen: set[Tensor] = set()
-    for i, group in enumerate(groups):
-        if not isinstance(group, Mapping):
-            continue
-        if "params" not in group:
-            raise KeyError(f"params: parameter group {i} has no 'params' entry")
-        members = group["params"]
-        members = [members] if isinstance(members, Tensor) else list(members)
-        for p in members:
-            if not isinstance(p, Tensor):
-                continue  # torch's own TypeError names it
-            if p in seen:
-                raise ValueError(
-                    f"params: a parameter of shape {tuple(p.shape)} is listed more than once "
-                    f"(group {i}); each parameter may appear once"
-                )
-            seen.add(p)
-    return items
-
-
-class _Update(NamedTuple):
-    """A direction ready for :meth:`KFEOptimizer._apply` (and the gradient it came from)."""
-
-    st: dict[str, Any]
-    group: Mapping[str, Any]
-    direction: Tensor
-    params: list[nn.Parameter] | list[Tensor]
-    split: Callable[[Tensor], list[Tensor]]
-    grad: Tensor
 
 
 @dataclass(eq=False)
@@ -292,7 +165,7 @@ class KFEOptimizer(torch.optim.Optimizer):
         )
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
-        super().__init__(_checked_params(params), self.config.group_defaults())
+        super().__init__(checked_params(params), self.config.group_defaults())
 
         self.source: BasisSource = self.registry.basis(self.config.basis_config.name)(
             self.config.basis_config
@@ -334,7 +207,7 @@ class KFEOptimizer(torch.optim.Optimizer):
         self._padded: dict[LayerBlock, Eigenbasis] = {}
         self._probes: dict[int, Tensor] = {}  # probe vectors by width (see _captured_...)
         """Zero-padded copies of each block's basis for fast matmuls; rebuilt at refresh."""
-        self._factor_sides = [_factor_sides(b) for b in self.blocks]
+        self._factor_sides = [factor_sides(b) for b in self.blocks]
         """``(d_A, d_B)`` of each block: the sides of its two Kronecker factors."""
         self._block_index = {b: i for i, b in enumerate(self.blocks)}
         self._owner_plan: tuple[int, list[int]] | None = None
@@ -464,13 +337,13 @@ class KFEOptimizer(torch.optim.Optimizer):
                 Default: 1.
         """
         if loss_scale is not None:
-            loss_scale = _checked_scale(loss_scale)
+            loss_scale = checked_scale(loss_scale)
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if grads and not _all_finite(grads):
+        if grads and not all_finite(grads):
             self._warn_once("step", "non-finite gradient: step skipped, parameters unchanged")
             self.capture.clear()
             return loss
@@ -487,17 +360,17 @@ class KFEOptimizer(torch.optim.Optimizer):
             self._lambda_phase(jobs)
         # without KL clipping each update is applied at once (no direction outlives its
         # block); with it, every direction is needed first for the common factor
-        pending: list[_Update] = []
-        hold = pending.append if cfg.kl_clip is not None else (lambda u: self._apply(*u))
+        pending: list[Update] = []
+        hold = pending.append if cfg.kl_clip is not None else self._apply
         for job in jobs:
             hold(self._block_update(job))
         for p, group in fallbacks:
             with phase("kfe/fallback"):
                 hold(self._fallback_step(p, group))
         if cfg.kl_clip is not None:
-            self._clip_kl(pending, cfg.kl_clip)
+            clip_kl(pending, cfg.kl_clip)
             for update in pending:
-                self._apply(*update)
+                self._apply(update)
         self.capture.clear()
         self._step += 1
         self._arm_capture()
@@ -505,88 +378,17 @@ class KFEOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """``torch.optim`` state plus a ``"kfe"`` entry: the step counter and the names of
-        the rule, basis and fallback rule whose state it holds."""
+        the rule, basis and fallback rule whose state it holds (:mod:`kfe.checkpoint`)."""
         state = super().state_dict()
-        state["kfe"] = {"step": self._step, **self._state_kinds()}
+        state["kfe"] = {"step": self._step, **state_kinds(self.config)}
         return state
 
-    def _state_kinds(self) -> dict[str, str]:
-        cfg = self.config
-        return {
-            "rule": cfg.rule_config.name,
-            "basis": cfg.basis_config.name,
-            "fallback": cfg.fallback_config.name,
-        }
-
-    def _check_loadable(self, saved: Mapping[str, Any], state: Mapping[Tensor, Any]) -> None:
-        """Refuse, before anything is replaced, a state dict of another rule, basis or
-        fallback (its rule state would fail mid-step), or one whose factors or basis do
-        not fit a layer (another width): a ``ValueError`` naming what differs. A state
-        dict without the names (written before they were recorded) is checked by shape
-        only."""
-        ours = self._state_kinds()
-        theirs = {k: saved[k] for k in ours if k in saved}
-        if any(theirs[k] != ours[k] for k in theirs):
-
-            def kinds(names: Mapping[str, str]) -> str:
-                return ", ".join(f"{k} {v!r}" for k, v in names.items())
-
-            raise ValueError(
-                f"loaded state dict holds the state of {kinds(theirs)}; this optimizer runs "
-                f"{kinds(ours)}: build it with the same rule, basis and fallback"
-            )
-        for block in self.blocks:
-            st = state.get(block.weight, {})
-            d_out, d_in = block.shape
-            want = {
-                K.FACTOR_A: (d_in, d_in),
-                K.FACTOR_B: (d_out, d_out),
-                "U_A": (d_in, d_in),
-                "U_B": (d_out, d_out),
-                K.MOMENTUM: (d_out, d_in),
-            }
-            held = {**st, **st.get(K.BASIS, {})}
-            for key, shape in want.items():
-                value = held.get(key)
-                if isinstance(value, Tensor) and tuple(value.shape) != shape:
-                    raise ValueError(
-                        f"loaded state dict does not fit layer {block.name!r}: its {key} is "
-                        f"{tuple(value.shape)}, the layer's (d_out, d_in[+1]) = {block.shape} "
-                        f"needs {shape}"
-                    )
-
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore state exactly: tensors keep their dtype (factors are not cast)."""
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups) or any(
-            len(s["params"]) != len(g["params"])
-            for s, g in zip(saved_groups, self.param_groups, strict=True)
-        ):
-            raise ValueError("loaded state dict does not match this optimizer's parameter groups")
-        id_map = dict(
-            zip(
-                itertools.chain.from_iterable(s["params"] for s in saved_groups),
-                itertools.chain.from_iterable(g["params"] for g in self.param_groups),
-                strict=True,
-            )
-        )
-
-        def copy(value: Any, device: torch.device) -> Any:
-            if isinstance(value, Tensor):
-                return value.detach().clone().to(device)
-            if isinstance(value, Mapping):
-                return {k: copy(v, device) for k, v in value.items()}
-            return value
-
-        state: defaultdict[Tensor, dict[str, Any]] = defaultdict(dict)
-        for key, value in state_dict["state"].items():
-            param = id_map[key]
-            state[param] = copy(value, param.device)
-        self._check_loadable(state_dict.get("kfe", {}), state)
-        groups = [
-            {**saved, "params": group["params"]}
-            for saved, group in zip(saved_groups, self.param_groups, strict=True)
-        ]
+        """Restore state exactly: tensors keep their dtype (factors are not cast). The
+        state of another rule, basis or fallback, or of layers of another width, is
+        refused before anything is replaced (:func:`kfe.checkpoint.check_loadable`)."""
+        state, groups = restore_state(state_dict, self.param_groups)
+        check_loadable(self.blocks, state_kinds(self.config), state_dict.get("kfe", {}), state)
         self.__setstate__({"state": state, "param_groups": groups})
         self._padded.clear()
         self._step = int(state_dict.get("kfe", {}).get("step", 0))
@@ -595,9 +397,10 @@ class KFEOptimizer(torch.optim.Optimizer):
     # -- the pipeline -------------------------------------------------------------
 
     def _warn_once(self, key: str, message: str) -> None:
+        """Warn once per ``key``, at the caller's line (:func:`_outside_level`)."""
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(message, RuntimeWarning, stacklevel=3)
+            warnings.warn(message, RuntimeWarning, stacklevel=_outside_level())
 
     def _start_jobs(
         self, unscale: float = 1.0
@@ -700,31 +503,14 @@ class KFEOptimizer(torch.optim.Optimizer):
                     self._fold_factors(job.block, job.st, factors[0], factors[1])
 
     def _fold_factors(self, block: LayerBlock, st: dict[str, Any], A: Tensor, B: Tensor) -> None:
-        """``A <- lerp(A, A_batch, 1 - factor_decay)`` (the first time: a copy, or the fold
-        into ``factor_init``'s scaled identity), same for B;
-        non-finite batch factors are skipped (checked after the reduction: every rank
-        decides alike)."""
-        # Gram matrices: |A_jk| <= sqrt(A_jj A_kk), so finite diagonals mean finite factors
-        if not bool(torch.cat([A.diagonal(), B.diagonal()]).isfinite().all()):
+        """:func:`kfe.refresh.fold_factors`, warning once per layer where the batch factors
+        are not finite (checked after the reduction: every rank decides alike)."""
+        cfg = self.config
+        if not fold_factors(st, A, B, cfg.factor_decay, cfg.factor_init):
             self._warn_once(
                 f"factors:{block.name}",
                 f"layer {block.name!r}: non-finite factor statistics skipped",
             )
-            return
-        start = self.config.factor_init
-        if K.FACTOR_A not in st:
-            if start is None:
-                st[K.FACTOR_A], st[K.FACTOR_B] = A.contiguous(), B.contiguous()
-                return
-            st[K.FACTOR_A] = start[0] * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
-            st[K.FACTOR_B] = start[1] * torch.eye(B.shape[0], dtype=B.dtype, device=B.device)
-            st[K.FACTOR_PRIOR] = (float(start[0]), float(start[1]))
-        decay = self.config.factor_decay
-        st[K.FACTOR_A].lerp_(A, 1 - decay)
-        st[K.FACTOR_B].lerp_(B, 1 - decay)
-        if K.FACTOR_PRIOR in st:
-            s_A, s_B = st[K.FACTOR_PRIOR]
-            st[K.FACTOR_PRIOR] = (s_A * decay, s_B * decay)
 
     def _average(
         self,
@@ -797,28 +583,21 @@ class KFEOptimizer(torch.optim.Optimizer):
                 job.refreshed = self._adopt(job, solved[2 * i], solved[2 * i + 1])
 
     def _solve(self, job: _Job, side: str) -> Solved:
-        """``(values, vectors)`` of one factor (``"A"`` or ``"B"``), or ``None`` on failure.
-
-        Unless the rule resets its state, the new eigenvectors are reordered to follow
-        the old ones they overlap most (as :meth:`Eigenbasis.aligned_to`), so state
-        indexed by eigenvector stays with its eigenvector when ``eigh`` re-sorts.
-        ``power_qr`` keeps the old order by itself.
-        """
+        """``(values, vectors)`` of one factor (``"A"`` or ``"B"``), or ``None`` on failure
+        (:func:`kfe.refresh.solve_factor`): ``power_qr`` from the second refresh on if
+        configured, else ``eigh``, realigned to the old eigenvectors unless the rule resets
+        its state anyway."""
         factor = job.st[_FACTOR[side]]
-        old = job.basis.U_B if side == "B" else job.basis.U_A
-        warm = self.config.eigensolver == "power_qr" and job.st[K.REFRESHES] > 0
-        if warm:
-            found = power_qr(factor, old)
-        else:
-            dtype = getattr(torch, self.config.eigh_dtype) if self.config.eigh_dtype else None
-            found = robust_eigh(factor, dtype)
+        cfg = self.config
         self.decompositions += 1
         self.decomposition_cost += factor.shape[0] ** 3
-        if found is None or warm or self.rule.policy is BasisPolicy.RESET:
-            return found
-        values, vectors = found
-        perm = _match(old, vectors)
-        return values[perm], vectors[:, perm]
+        return solve_factor(
+            factor,
+            job.basis.U_B if side == "B" else job.basis.U_A,
+            warm=cfg.eigensolver == "power_qr" and job.st[K.REFRESHES] > 0,
+            dtype=getattr(torch, cfg.eigh_dtype) if cfg.eigh_dtype else None,
+            align=self.rule.policy is not BasisPolicy.RESET,
+        )
 
     def _adopt(self, job: _Job, found_b: Solved, found_a: Solved) -> Eigenbasis | None:
         """Store the new basis; ``None`` (and the old basis kept, counted) on failure."""
@@ -885,7 +664,7 @@ class KFEOptimizer(torch.optim.Optimizer):
             found.append(squares)
         if self.communicator.active:
             found = self._average(due, found, lambda g: [tuple(g.shape)], "squared projections")
-        finite = _finite_each(found)
+        finite = finite_each(found)
         for job, squares, ok in zip(due, found, finite, strict=True):
             if squares is not None and not ok:
                 self._warn_once(
@@ -925,16 +704,8 @@ class KFEOptimizer(torch.optim.Optimizer):
                 g = torch.Generator().manual_seed(grad.shape[1])
                 probe = torch.randn(grad.shape[1], generator=g, dtype=torch.float64)
                 probe = self._probes[grad.shape[1]] = probe.to(grad.device, grad.dtype)
-            direct = grad @ probe
-            captured = sum(
-                (
-                    g.reshape(-1, g.shape[-1]).mT @ (x[..., : grad.shape[1]] @ probe).reshape(-1)
-                    for x, g in job.pairs
-                ),
-                torch.zeros_like(direct),
-            )
             candidates.append(k)
-            checks.append((direct - captured).norm() <= 1e-5 * direct.norm())
+            checks.append(captures_sum_to(grad, job.pairs, probe))
         if checks:
             for k, ok in zip(candidates, torch.stack(checks).tolist(), strict=True):
                 out[k] = ok
@@ -943,9 +714,9 @@ class KFEOptimizer(torch.optim.Optimizer):
 
     # phase 5, 6: rule and update
 
-    def _block_update(self, job: _Job) -> _Update:
+    def _block_update(self, job: _Job) -> Update:
         """Project, apply the rule (after its basis-change policy at a refresh), project
-        back; returns what :meth:`_apply` needs (momentum, weight decay, the update)."""
+        back; returns what :func:`kfe.update.apply_update` needs."""
         cfg, st, group, block = self.config, job.st, job.group, job.block
         grad = job.grad
         if group["weight_decay"] and cfg.weight_decay_style == "l2":
@@ -969,7 +740,7 @@ class KFEOptimizer(torch.optim.Optimizer):
             with phase("kfe/unproject"):
                 direction = fast.unproject(projected) if fast else projected
         st[K.RULE] = self.rule.state_to_dict(rule_state)
-        return _Update(st, group, direction, block.params, block.split, grad)
+        return Update(st, group, direction, block.params, block.split, grad)
 
     def _change_basis(self, rule_state: Any, job: _Job, like: Tensor, ctx: RuleContext) -> Any:
         """Apply the rule's basis-change policy, then its ``on_refresh`` hook.
@@ -995,7 +766,7 @@ class KFEOptimizer(torch.optim.Optimizer):
                 )
         return self.rule.on_refresh(rule_state, ctx)
 
-    def _fallback_step(self, p: Tensor, group: dict[str, Any]) -> _Update:
+    def _fallback_step(self, p: Tensor, group: dict[str, Any]) -> Update:
         st = self.state[p]
         grad = cast(Tensor, p.grad)
         if not st:
@@ -1005,57 +776,11 @@ class KFEOptimizer(torch.optim.Optimizer):
         rule_state = self.fallback_rule.state_from_dict(st[K.RULE])
         direction, rule_state = self.fallback_rule.update(grad, rule_state, RuleContext(group))
         st[K.RULE] = self.fallback_rule.state_to_dict(rule_state)
-        return _Update(st, group, direction, [p], lambda d: [d], grad)
+        return Update(st, group, direction, [p], lambda d: [d], grad)
 
-    @staticmethod
-    def _clip_kl(updates: list[_Update], kl_clip: float) -> None:
-        """K-FAC's KL clipping (Ba et al., 2017): scale every direction by
-
-        .. math::
-
-            \\nu = \\min\\Big(1, \\sqrt{\\kappa \\big/ \\textstyle\\sum_p \\eta_p^2
-            \\langle D_p, \\nabla_p \\rangle}\\Big),
-
-        a trust region on the predicted change of the model's output distribution
-        (``D`` the rule's direction before momentum). One tensor, no host sync.
-        """
-        if not updates:
-            return
-        with phase("kfe/rule"):
-            terms = [(u.direction * u.grad).sum() * u.group["lr"] ** 2 for u in updates]
-            total = torch.stack([t.to(updates[0].direction.device) for t in terms]).sum()
-            nu = (kl_clip / total.clamp(min=torch.finfo(total.dtype).tiny)).sqrt().clamp(max=1)
-            for i, u in enumerate(updates):
-                updates[i] = u._replace(direction=u.direction * nu.to(u.direction.dtype))
-
-    def _apply(
-        self,
-        st: dict[str, Any],
-        group: Mapping[str, Any],
-        direction: Tensor,
-        params: list[nn.Parameter] | list[Tensor],
-        split: Callable[[Tensor], list[Tensor]],
-        grad: Tensor | None = None,
-    ) -> None:
-        """Momentum and weight decay around the rule, then ``p -= lr * d``.
-
-        Follows ``torch.optim.SGD`` op for op (momentum buffer cloned on the first step,
-        ``buf = mu * buf + (1 - dampening) * d``, Nesterov ``d + mu * buf``), and
-        ``torch.optim.AdamW`` for decoupled decay (``p *= 1 - lr * wd`` first).
-        ``split`` maps the direction onto ``params`` (a block's weight and bias).
-        """
-        lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
-        if mu:
-            buf = st.get(K.MOMENTUM)
-            if buf is None:
-                buf = st[K.MOMENTUM] = torch.clone(direction).detach()
-            else:
-                buf.mul_(mu).add_(direction, alpha=1 - group["dampening"])
-            direction = direction.add(buf, alpha=mu) if group["nesterov"] else buf
-        for p, d in zip(params, split(direction), strict=True):
-            if wd and self.config.weight_decay_style == "decoupled":
-                p.mul_(1 - lr * wd)
-            p.add_(d, alpha=-lr)
+    def _apply(self, update: Update) -> None:
+        """Momentum, weight decay and ``p -= lr * d`` (:func:`kfe.update.apply_update`)."""
+        apply_update(update, decoupled_decay=self.config.weight_decay_style == "decoupled")
 
     # -- inspection ---------------------------------------------------------------
 

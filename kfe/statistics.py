@@ -46,7 +46,7 @@ from torch import Tensor
 
 from kfe.basis import PAD_MULTIPLE
 
-__all__ = ["Moments", "batch_factors", "gram", "kfe_moments"]
+__all__ = ["Moments", "batch_factors", "captures_sum_to", "gram", "kfe_moments"]
 
 DEFAULT_CHUNK_BYTES = 8 * 2**20
 GRAM_BLOCK = 256
@@ -206,3 +206,20 @@ def kfe_moments(
     assert total is not None, "no captures"
     cut = None if projected is None else projected[:d_out, :d_in]
     return Moments(total[:d_out, :d_in], cut)
+
+
+def captures_sum_to(grad: Tensor, pairs: Sequence[tuple[Tensor, Tensor]], probe: Tensor) -> Tensor:
+    """Whether ``grad = sum_p g_p^T x_p`` over the captured pairs, seen along ``probe``
+    (a fixed pseudo-random vector ``r``): ``grad r`` equals ``sum_p g_p^T (x_p r)`` to
+    ``1e-5`` relative, by three matrix-vector products. A 0-dim bool tensor (no host
+    sync); ``x`` may carry padding columns after ``grad``'s width.
+    """
+    direct = grad @ probe
+    captured = sum(
+        (
+            g.reshape(-1, g.shape[-1]).mT @ (x[..., : grad.shape[1]] @ probe).reshape(-1)
+            for x, g in pairs
+        ),
+        torch.zeros_like(direct),
+    )
+    return (direct - captured).norm() <= 1e-5 * direct.norm()

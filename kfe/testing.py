@@ -23,6 +23,7 @@ Pytest then runs each check below for every compatible (rule, basis) pair:
 from __future__ import annotations
 
 import io
+import warnings
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -120,7 +121,11 @@ class RuleConformance:
             for lr in LRS:
                 model = _model()
                 opt = self.make(model, case, lr=lr, damping=damping)
-                losses = _train(model, opt, 100, x, y)
+                with warnings.catch_warnings():
+                    # a grid point may diverge (its steps are then skipped): only the
+                    # best one must converge
+                    warnings.filterwarnings("ignore", "non-finite gradient", RuntimeWarning)
+                    losses = _train(model, opt, 100, x, y)
                 with torch.no_grad():
                     final = _loss(model, x, y).item()
                 results[lr, damping] = final

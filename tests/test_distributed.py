@@ -132,9 +132,9 @@ def one_thread() -> Iterator[None]:
 def eigh_failure(opt: KFEOptimizer, name: str) -> Iterator[None]:
     """For ``ekfac-fail``: the solver fails on the ``FAIL_SIDE`` factor at ``FAIL_STEP``
     (on its owner rank only, under distribution: the others learn it by broadcast)."""
-    import kfe.optimizer
+    import kfe.refresh
 
-    real = kfe.optimizer.robust_eigh
+    real = kfe.refresh.robust_eigh
 
     def failing(factor: torch.Tensor, *args: Any) -> Any:
         if opt.steps_taken == FAIL_STEP and factor.shape[0] == FAIL_SIDE:
@@ -142,13 +142,13 @@ def eigh_failure(opt: KFEOptimizer, name: str) -> Iterator[None]:
         return real(factor, *args)
 
     if name == "ekfac-fail":
-        kfe.optimizer.robust_eigh = failing  # type: ignore[assignment]
+        kfe.refresh.robust_eigh = failing  # type: ignore[assignment]
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "layer '0': eigendecomposition failed")
             yield
     finally:
-        kfe.optimizer.robust_eigh = real
+        kfe.refresh.robust_eigh = real
 
 
 def registry_for_tests() -> Registry:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import pytest
@@ -138,3 +139,26 @@ def test_robust_eigh_jitter_rescues(monkeypatch) -> None:
     w, _ = robust_eigh(spd)
     assert len(tries) == 3 and not torch.equal(tries[2], spd)  # third try is jittered
     assert torch.allclose(w, torch.ones(3, dtype=torch.float64), atol=1e-6)
+
+
+@pytest.mark.parametrize("fault", ["gradient", "factor"])
+def test_warnings_point_at_the_users_line(registry, fault: str) -> None:
+    """A warning from inside ``step`` names the line that called ``opt.step()``, not a
+    frame of kfe or of torch's wrappers around ``step``."""
+    model, opt, step = setup(registry)
+    step()
+    opt.zero_grad()
+    model(torch.randn(12, 4)).sum().backward()
+    if fault == "gradient":
+        model[2].bias.grad[0] = float("nan")
+    else:
+        opt.state[model[0].weight][K.FACTOR_A][0, 0] = float("nan")
+        opt.step()  # step 1; the refresh at step 2 fails
+        opt.zero_grad()
+        model(torch.randn(12, 4)).sum().backward()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        line = sys._getframe().f_lineno + 1
+        opt.step()
+    assert caught, "no warning"
+    assert [(w.filename, w.lineno) for w in caught] == [(__file__, line)] * len(caught)
