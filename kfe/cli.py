@@ -164,7 +164,8 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     """Write the report; print its files as one JSON line (``out_dir``, ``summary``, the
     plots, ``sensitivity``: label -> plot)."""
-    from kfe.experiment.report import ReportError, write_report
+    from kfe.experiment.report import write_report
+    from kfe.experiment.runs import ReportError
 
     run_dir: Path = args.run_dir
     if not run_dir.exists():
