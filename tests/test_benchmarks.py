@@ -74,3 +74,14 @@ def test_conv_step_quick(tmp_path: Path) -> None:
     data = quick_json(tmp_path, "conv_step.py")["results"]
     assert set(data) == {"adam", "kfac", "ekfac", "ekfac-batch"}
     assert all(math.isfinite(v) and v > 0 for r in data.values() for v in r.values())
+
+
+def test_memory_quick(tmp_path: Path) -> None:
+    data = quick_json(tmp_path, "memory.py")["results"]
+    assert {"adam", "kfac-split", "ekfac-ema", "ekfac-batch"} <= set(data)
+    for name, r in data.items():
+        assert r["param_bytes"] > 0 and r["state_bytes"] >= 0, name
+        assert all(v >= 0 for v in r["step_peak_bytes"].values()), name
+    adam, params = data["adam"]["state_bytes"], data["adam"]["param_bytes"]
+    assert 2 * params <= adam <= 2 * params + 4 * 16  # exp_avg, exp_avg_sq, 16 step counters
+    assert set(data["ekfac-batch"]["step_peak_bytes"]) == {"plain", "factor", "refresh"}
