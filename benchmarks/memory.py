@@ -4,16 +4,21 @@ The auto-encoder 784-1000-500-250-30-250-500-1000-784 at batch 1000 (synthetic i
 ``benchmarks/step_time.py``'s model, loss and optimizer settings), each optimizer on its
 own copy, stepped through two refresh cycles (``factor_every=5``, ``basis_every=10``:
 the memory of a step does not depend on the cadence, only on which work it does). Per
-optimizer it reports, counted by :func:`kfe.memory.track_allocations` (tensor storages,
-exact, no sampling; BLAS workspaces are not tensors and not counted):
+optimizer it reports, counted by :func:`kfe.memory.track_allocations` (the tensors the
+step's ops return, deterministic; memory a kernel allocates and frees inside itself,
+such as BLAS workspaces, is not seen):
 
 - **state**: the bytes held in ``optimizer.state`` after the run (each storage once),
   and as a multiple of the parameters' bytes (Adam: 2);
 - **step peak**: the most memory a ``step()`` allocates on top of what existed before it
   (parameters, gradients, captures, state), for plain steps, factor steps and refresh
   steps apart, and the largest of them as a multiple of the parameters' bytes;
-- **state + peak**: what the optimizer needs beyond the model and its gradients, and that
-  as a multiple of Adam's;
+- **captures**: what a KFE optimizer holds from the backward to the step (the layer inputs
+  ``x``, which autograd would otherwise free after the backward, and the output
+  gradients ``g``), at most over the steps;
+- **total**: state + captures + the largest step peak, an upper bound on what the
+  optimizer adds to the model, its gradients and activations (old tensors a step frees
+  are not subtracted), and that as a multiple of Adam's;
 - **largest**: the largest single tensor any step allocated, against the per-example
   gradient tensor ``batch x d_out x (d_in + 1)`` of the widest layer, which the Lambda of
   ``nn.Linear`` must never form (3.1 GB here).
@@ -45,8 +50,8 @@ from kfe.memory import track_allocations
 MiB = 2**20
 
 
-def state_bytes(opt: torch.optim.Optimizer) -> int:
-    """Bytes of the tensors in ``opt.state``, each storage counted once."""
+def tensor_bytes(values: Any) -> int:
+    """Bytes of the tensors in nested dicts, lists and tuples, each storage counted once."""
     seen: dict[int, int] = {}
 
     def visit(value: Any) -> None:
@@ -60,9 +65,22 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
             for v in value:
                 visit(v)
 
-    for st in opt.state.values():
-        visit(st)
+    visit(values)
     return sum(seen.values())
+
+
+def state_bytes(opt: torch.optim.Optimizer) -> int:
+    """Bytes of the tensors in ``opt.state``, each storage counted once."""
+    return tensor_bytes(list(opt.state.values()))
+
+
+def capture_bytes(opt: torch.optim.Optimizer) -> int:
+    """Bytes of the inputs and output gradients a KFE optimizer holds from the backward
+    to the step (Linear inputs are the layer's own input tensors, kept alive longer)."""
+    if not isinstance(opt, kfe.KFEOptimizer):
+        return 0
+    held = [(c.inputs, c.grads) for c in opt.capture.captured.values()]
+    return tensor_bytes(held)
 
 
 def step_kind(entry: step_time.Entry, step: int, args: argparse.Namespace) -> str:
@@ -79,10 +97,11 @@ def step_kind(entry: step_time.Entry, step: int, args: argparse.Namespace) -> st
 
 def measure(entry: step_time.Entry, batch: torch.Tensor, args: argparse.Namespace) -> dict:
     peaks: dict[str, int] = {}
-    largest, largest_shape = 0, ()
+    largest, largest_shape, captures = 0, (), 0
     for step in range(args.steps):
         entry.opt.zero_grad()
         step_time.loss_fn(entry.model, batch).backward()
+        captures = max(captures, capture_bytes(entry.opt))
         with track_allocations() as usage:
             entry.opt.step()
         kind = step_kind(entry, step, args)
@@ -93,6 +112,7 @@ def measure(entry: step_time.Entry, batch: torch.Tensor, args: argparse.Namespac
     params = sum(p.numel() * p.element_size() for p in entry.model.parameters())
     return {
         "state_bytes": state_bytes(entry.opt),
+        "capture_bytes": captures,
         "param_bytes": params,
         "step_peak_bytes": peaks,
         "largest_bytes": largest,
@@ -108,11 +128,11 @@ def per_example_bytes(dims: tuple[int, ...], batch: int) -> tuple[int, tuple[int
 
 
 def report(results: dict[str, dict], args: argparse.Namespace) -> None:
-    """One row per optimizer: state, step peaks, their sum, in MiB and as multiples of the
-    parameters' bytes; the sum also as a multiple of Adam's."""
+    """One row per optimizer: state, captures, step peaks and their sum, in MiB and as
+    multiples of the parameters' bytes; the sum also as a multiple of Adam's."""
 
     def total(r: dict) -> int:
-        return r["state_bytes"] + max(r["step_peak_bytes"].values())
+        return r["state_bytes"] + r["capture_bytes"] + max(r["step_peak_bytes"].values())
 
     ref = results.get(step_time.REFERENCE)
     worst, shape = per_example_bytes(args.dims, args.batch)
@@ -123,9 +143,9 @@ def report(results: dict[str, dict], args: argparse.Namespace) -> None:
         f"{args.steps} steps (peaks over steps >= {args.basis_every})"
     )
     head = (
-        f"{'optimizer':14} {'state MiB':>9} {'x params':>8} | {'step peak MiB: plain':>20} "
-        f"{'factor':>7} {'refresh':>8} {'x params':>8} | {'state + peak':>12} {'x Adam':>6} "
-        f"| {'largest MiB':>11}  shape"
+        f"{'optimizer':14} {'state MiB':>9} {'x params':>8} | {'captures':>8} | "
+        f"{'step peak MiB: plain':>20} {'factor':>7} {'refresh':>8} {'x params':>8} | "
+        f"{'total':>6} {'x Adam':>6} | {'largest MiB':>11}  shape"
     )
     print(head)
     print("-" * len(head))
@@ -138,13 +158,16 @@ def report(results: dict[str, dict], args: argparse.Namespace) -> None:
         ratio = f"{total(r) / total(ref):6.2f}" if ref else f"{'-':>6}"
         print(
             f"{name:14} {r['state_bytes'] / MiB:9.1f} {r['state_bytes'] / params:8.2f} | "
-            f"{cell('plain', 20)} {cell('factor', 7)} {cell('refresh', 8)} "
-            f"{max(peaks.values()) / params:8.2f} | {total(r) / MiB:12.1f} {ratio} | "
-            f"{r['largest_bytes'] / MiB:11.1f}  {tuple(r['largest_shape'])}"
+            f"{r['capture_bytes'] / MiB:8.1f} | {cell('plain', 20)} {cell('factor', 7)} "
+            f"{cell('refresh', 8)} {max(peaks.values()) / params:8.2f} | "
+            f"{total(r) / MiB:6.1f} {ratio} | {r['largest_bytes'] / MiB:11.1f}  "
+            f"{tuple(r['largest_shape'])}"
         )
     print(
-        f"(x params: in units of the parameters' {params / MiB:.1f} MiB; a per-example gradient "
-        f"tensor of the widest layer, {shape}, would be {worst / MiB:.0f} MiB)"
+        f"(x params: in units of the parameters' {params / MiB:.1f} MiB; total = state + "
+        f"captures + the largest step peak, an upper bound on what the optimizer adds to the "
+        f"model, its gradients and activations; a per-example gradient tensor of the widest "
+        f"layer, {shape}, would be {worst / MiB:.0f} MiB)"
     )
 
 

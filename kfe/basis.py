@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["PAD_MULTIPLE", "Eigenbasis", "chain", "pad_square"]
+__all__ = ["PAD_MULTIPLE", "Eigenbasis", "chain", "match_columns", "pad_square"]
 
 PAD_MULTIPLE = 8
 """Square operators are zero-padded to a multiple of this for matmul speed: BLAS runs
@@ -87,8 +87,8 @@ class Eigenbasis(NamedTuple):
         column ``i`` (``|U_old^T U_new|``, matched greedily by decreasing overlap), so
         a refresh that only re-sorts the eigenvalues leaves every index in place.
         """
-        perm_B = _match(old.U_B, self.U_B)
-        perm_A = _match(old.U_A, self.U_A)
+        perm_B = match_columns(old.U_B, self.U_B)
+        perm_A = match_columns(old.U_A, self.U_A)
         return Eigenbasis(self.U_B[:, perm_B], self.b[perm_B], self.U_A[:, perm_A], self.a[perm_A])
 
     def rotation_to(self, new: Eigenbasis) -> tuple[Tensor, Tensor]:
@@ -115,7 +115,7 @@ class Eigenbasis(NamedTuple):
         return lambda m: new.project(self.unproject(m))
 
 
-def _match(old: Tensor, new: Tensor) -> Tensor:
+def match_columns(old: Tensor, new: Tensor) -> Tensor:
     """``perm`` with ``new[:, perm[i]]`` matched to ``old[:, i]``: greedy by overlap.
 
     The greedy matching takes the largest ``|old_i . new_j|`` among unmatched pairs,

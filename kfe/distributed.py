@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from kfe.eigh import Solved
 from kfe.profiling import phase
 
 __all__ = [
@@ -57,9 +58,6 @@ __all__ = [
 
 DEFAULT_TIMEOUT_S = 600.0
 """Default process-group timeout of :func:`init_from_env` (torch's own NCCL default)."""
-
-Solved = tuple[Tensor, Tensor] | None
-"""An eigendecomposition ``(values, vectors)``, or ``None`` where it failed."""
 
 
 def world() -> tuple[int, int]:

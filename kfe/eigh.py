@@ -14,7 +14,10 @@ from torch import Tensor
 
 from kfe.basis import pad_square
 
-__all__ = ["power_qr", "robust_eigh", "symmetrize"]
+__all__ = ["Solved", "power_qr", "robust_eigh", "symmetrize"]
+
+Solved = tuple[Tensor, Tensor] | None
+"""An eigendecomposition ``(values, vectors)``, or ``None`` where it failed."""
 
 JITTER_TRIES = 4
 JITTER_START = 1e-10
@@ -36,7 +39,7 @@ def symmetrize(matrix: Tensor) -> Tensor:
     return torch.add(matrix, matrix.mT).mul_(0.5)
 
 
-def robust_eigh(factor: Tensor, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor] | None:
+def robust_eigh(factor: Tensor, dtype: torch.dtype | None = None) -> Solved:
     """Eigendecomposition ``factor = V diag(w) V^T`` of a symmetric PSD factor.
 
     Args:
@@ -67,7 +70,7 @@ def robust_eigh(factor: Tensor, dtype: torch.dtype | None = None) -> tuple[Tenso
     return values.clamp_min(0).to(out_dtype), vectors.to(out_dtype)
 
 
-def power_qr(factor: Tensor, previous: Tensor) -> tuple[Tensor, Tensor] | None:
+def power_qr(factor: Tensor, previous: Tensor) -> Solved:
     """One step of subspace iteration warm-started at ``previous`` (SOAP's refresh).
 
     Following Vyas et al. (2024): Rayleigh quotients ``est = diag(Q^T F Q)`` of the old

@@ -1,10 +1,10 @@
-"""Tensor memory of a block of code: the peak of what it allocates, and its largest tensor.
+"""Tensor memory of a block of code: the peak of what its ops allocate, and its largest tensor.
 
-``with track_allocations() as usage: opt.step()`` counts every tensor storage an aten op
-creates inside the block (on any device) from its allocation until it is freed (the last
+``with track_allocations() as usage: opt.step()`` counts every strided tensor storage an
+aten op returns inside the block from the op that creates it until it is freed (the last
 tensor viewing it is gone), so that
 
-- ``usage.peak_bytes`` is the high-water mark of the block's own live allocations: the
+- ``usage.peak_bytes`` is the high-water mark of the block's own live tensors: the
   transient memory a step needs on top of what existed before it (parameters, gradients,
   captures, optimizer state);
 - ``usage.largest_bytes`` (and ``usage.largest_shape``) is its largest single tensor, e.g.
@@ -14,11 +14,23 @@ tensor viewing it is gone), so that
 - ``usage.retained_bytes`` is what the block allocated and still holds at its end (new
   optimizer state).
 
-Storages that existed before the block are never counted, including when an op writes
-into them (in-place ops, ``out=``) or views them. Scratch memory inside a kernel (BLAS or
-LAPACK workspaces) is not a tensor and is not counted. The counting runs in a
-``TorchDispatchMode``: every op pays a Python call, so time measured under it means
-nothing; it is for memory only (``benchmarks/memory.py``).
+What it sees, and what it does not (the counts are deterministic, not a measurement of
+the process's memory):
+
+- **Counted:** the outputs of every op dispatched inside the block, on one device or all
+  (``device``); a storage that an op grows (``resize_``, an ``out=`` tensor too small)
+  counts for what it grew by.
+- **Not counted:** storages that existed before the block, also when an op writes into
+  them or views them; memory a kernel allocates for itself and frees before returning
+  (BLAS and LAPACK workspaces, the contiguous copy a kernel may make of a strided input,
+  sort buffers); tensors made outside the dispatcher (``torch.tensor(list)``,
+  ``torch.from_numpy``); meta tensors; sparse tensors and the inner tensors of wrapper
+  subclasses (only strided outputs are counted, at their own size).
+- Old storages freed inside the block are not subtracted: ``peak_bytes`` is what the
+  block adds at its worst, not the process's net change.
+
+The counting runs in a ``TorchDispatchMode``: every op pays a Python call, so time
+measured under it means nothing; it is for memory only (``benchmarks/memory.py``).
 """
 
 from __future__ import annotations
@@ -60,36 +72,55 @@ class Allocations:
         return self.live_bytes
 
 
+def _storages(values: Any) -> dict[int, int]:
+    """``id -> bytes`` of the storages of the strided tensors (and bare storages) in a
+    pytree of op arguments."""
+    found = {}
+    for v in tree_leaves(values):
+        if isinstance(v, Tensor) and v.layout == torch.strided:
+            v = v.untyped_storage()
+        if isinstance(v, torch.UntypedStorage):
+            found[id(v)] = v.nbytes()
+    return found
+
+
 class _Tracker(TorchDispatchMode):
-    def __init__(self, usage: Allocations, record_shapes: bool) -> None:
+    def __init__(self, usage: Allocations, record_shapes: bool, device: torch.device | None):
         super().__init__()
         self.usage = usage
         self.record_shapes = record_shapes
-        self._live: dict[int, int] = {}  # id of a storage's Python object -> its bytes
+        self.device = device
+        self._live: dict[int, int] = {}  # id of a counted storage's Python object -> bytes
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        before = {
-            id(t.untyped_storage())
-            for t in tree_leaves((args, kwargs))
-            if isinstance(t, Tensor) and t.layout == torch.strided
-        }
+        before = _storages((args, kwargs))
         out = func(*args, **kwargs)
         for t in tree_leaves(out):
             if isinstance(t, Tensor) and t.layout == torch.strided:
                 self._count(t, before)
         return out
 
-    def _count(self, tensor: Tensor, before: set[int]) -> None:
+    def _count(self, tensor: Tensor, before: dict[int, int]) -> None:
+        if tensor.device.type == "meta" or (
+            self.device is not None and tensor.device != self.device
+        ):
+            return
         storage = tensor.untyped_storage()
-        key = id(storage)
-        if key in before or key in self._live:
-            return  # an input's storage (in place, out=, a view) or already counted
-        size = storage.nbytes()
+        key, size = id(storage), storage.nbytes()
+        if key in before:  # an input's storage (in place, out=, a view): count growth only
+            size -= before[key]
+        elif key in self._live:
+            return  # already counted (a second output on the same storage)
+        if size <= 0:
+            return
         usage = self.usage
-        self._live[key] = size
-        weakref.finalize(storage, self._free, key)
-        usage.count += 1
+        if key in self._live:
+            self._live[key] += size
+        else:
+            self._live[key] = size
+            weakref.finalize(storage, self._free, key)
+            usage.count += 1
         usage.live_bytes += size
         usage.peak_bytes = max(usage.peak_bytes, usage.live_bytes)
         if size > usage.largest_bytes:
@@ -102,12 +133,16 @@ class _Tracker(TorchDispatchMode):
 
 
 @contextmanager
-def track_allocations(record_shapes: bool = False) -> Iterator[Allocations]:
-    """Count the tensor storages allocated inside the ``with`` block (module doc).
+def track_allocations(
+    record_shapes: bool = False, device: str | torch.device | None = None
+) -> Iterator[Allocations]:
+    """Count the tensor storages the ops inside the ``with`` block allocate (module doc).
 
     Args:
         record_shapes: also keep ``(shape, bytes)`` of every allocation in
             :attr:`Allocations.shapes`.
+        device: count only tensors on this device (e.g. ``"cuda"`` to leave out the CPU
+            tensors a GPU step also makes); default: every device but ``meta``.
 
     Example:
         >>> model = torch.nn.Linear(4, 3)
@@ -117,5 +152,8 @@ def track_allocations(record_shapes: bool = False) -> Iterator[Allocations]:
         (8, 4)
     """
     usage = Allocations()
-    with _Tracker(usage, record_shapes):
+    where = None if device is None else torch.device(device)
+    if where is not None and where.type == "cuda" and where.index is None:
+        where = torch.device("cuda", torch.cuda.current_device())
+    with _Tracker(usage, record_shapes, where):
         yield usage

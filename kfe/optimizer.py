@@ -40,15 +40,16 @@ from kfe import state_keys as K
 from kfe.basis import Eigenbasis
 from kfe.block import LayerBlock, factor_sides, find_blocks
 from kfe.capture import CurvatureCapture, LossKind, Reduction
-from kfe.checkpoint import check_loadable, restore_state, state_kinds
 from kfe.checks import all_finite, checked_params, checked_scale, finite_each
 from kfe.config import KFEConfigBase, config_model, load_config
-from kfe.distributed import Communicator, Solved, assign_owners, world
+from kfe.distributed import Communicator, assign_owners, world
+from kfe.eigh import Solved
 from kfe.profiling import phase
 from kfe.refresh import fold_factors, solve_factor
 from kfe.registry import Registry, default_registry
 from kfe.rule import BasisPolicy, Rule, RuleContext, Statistic
 from kfe.source import BasisSource
+from kfe.state_dict import check_loadable, restore_state, state_kinds
 from kfe.statistics import captures_sum_to, kfe_moments
 from kfe.update import Update, apply_update, clip_kl
 
@@ -67,12 +68,16 @@ def _per_example(job: _Job) -> list[tuple[Tensor, Tensor]]:
 
 
 _INSIDE = (__file__, os.path.dirname(torch.__file__) + os.sep)
+"""Frames a warning from the step skips: this module's (only this module warns through
+:meth:`KFEOptimizer._warn_once`) and torch's wrappers around ``step``."""
 
 
 def _outside_level() -> int:
     """The ``stacklevel`` that makes a warning raised in this function's caller point at
     the first frame outside this module and the ``torch`` package: the line that called
-    ``step`` (through torch's wrappers), in user code or in kfe's own loops."""
+    ``step`` (through torch's wrappers, a ``GradScaler`` or an LR scheduler's patch), in
+    user code or in kfe's own loops; in a subclass that overrides ``step``, its call of
+    ``super().step()``."""
     frame, level = sys._getframe(1), 1
     while frame.f_back is not None and frame.f_code.co_filename.startswith(_INSIDE):
         frame, level = frame.f_back, level + 1
@@ -205,8 +210,9 @@ class KFEOptimizer(torch.optim.Optimizer):
         self._step = 0
         self._warned: set[str] = set()
         self._padded: dict[LayerBlock, Eigenbasis] = {}
-        self._probes: dict[int, Tensor] = {}  # probe vectors by width (see _captured_...)
         """Zero-padded copies of each block's basis for fast matmuls; rebuilt at refresh."""
+        self._probes: dict[int, Tensor] = {}
+        """Probe vectors of :meth:`_gradients_in_captures`, by width."""
         self._factor_sides = [factor_sides(b) for b in self.blocks]
         """``(d_A, d_B)`` of each block: the sides of its two Kronecker factors."""
         self._block_index = {b: i for i, b in enumerate(self.blocks)}
@@ -378,7 +384,7 @@ class KFEOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """``torch.optim`` state plus a ``"kfe"`` entry: the step counter and the names of
-        the rule, basis and fallback rule whose state it holds (:mod:`kfe.checkpoint`)."""
+        the rule, basis and fallback rule whose state it holds (:mod:`kfe.state_dict`)."""
         state = super().state_dict()
         state["kfe"] = {"step": self._step, **state_kinds(self.config)}
         return state
@@ -386,9 +392,10 @@ class KFEOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore state exactly: tensors keep their dtype (factors are not cast). The
         state of another rule, basis or fallback, or of layers of another width, is
-        refused before anything is replaced (:func:`kfe.checkpoint.check_loadable`)."""
+        refused before anything is replaced (:func:`kfe.state_dict.check_loadable`)."""
         state, groups = restore_state(state_dict, self.param_groups)
-        check_loadable(self.blocks, state_kinds(self.config), state_dict.get("kfe", {}), state)
+        saved = state_dict.get("kfe", {})
+        check_loadable(self.blocks, state, ours=state_kinds(self.config), saved=saved)
         self.__setstate__({"state": state, "param_groups": groups})
         self._padded.clear()
         self._step = int(state_dict.get("kfe", {}).get("step", 0))

@@ -18,9 +18,8 @@ import torch
 from torch import Tensor
 
 from kfe import state_keys as K
-from kfe.basis import _match
-from kfe.distributed import Solved
-from kfe.eigh import power_qr, robust_eigh
+from kfe.basis import match_columns
+from kfe.eigh import Solved, power_qr, robust_eigh
 
 __all__ = ["fold_factors", "solve_factor"]
 
@@ -34,7 +33,9 @@ def fold_factors(
 ) -> bool:
     """``A <- lerp(A, A_batch, 1 - decay)``, same for ``B``, in the block's state ``st``.
 
-    The first fold copies the batch factors, or, with ``start = (s_A, s_B)``
+    The first fold keeps the batch factors themselves as the EMAs (no copy: later folds
+    update them in place, so the caller hands over tensors it does not use again, as the
+    pipeline's fresh batch factors are), or, with ``start = (s_A, s_B)``
     (``factor_init``), folds them into ``s_A I`` and ``s_B I`` and records what is left
     of that start (``s decay^k`` after ``k`` folds) as the factors' prior. Returns
     ``False``, changing nothing, for non-finite batch factors.
@@ -77,5 +78,5 @@ def solve_factor(
     if found is None or warm or not align:
         return found
     values, vectors = found
-    perm = _match(old, vectors)
+    perm = match_columns(old, vectors)
     return values[perm], vectors[:, perm]

@@ -29,6 +29,8 @@ class Update(NamedTuple):
     split: Callable[[Tensor], list[Tensor]]
     """Maps the direction onto ``params`` (a block's weight and bias)."""
     grad: Tensor
+    """The gradient the rule saw (with ``l2`` decay, its L2 term included): KL clipping's
+    ``<D, grad>``."""
 
 
 def clip_kl(updates: list[Update], kl_clip: float) -> None:
@@ -52,7 +54,7 @@ def clip_kl(updates: list[Update], kl_clip: float) -> None:
             updates[i] = u._replace(direction=u.direction * nu.to(u.direction.dtype))
 
 
-def apply_update(update: Update, decoupled_decay: bool) -> None:
+def apply_update(update: Update, *, decoupled_decay: bool) -> None:
     """Momentum and weight decay around the rule, then ``p -= lr * d``.
 
     Follows ``torch.optim.SGD`` op for op (momentum buffer cloned on the first step,

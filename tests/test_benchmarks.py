@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import subprocess
@@ -77,11 +78,15 @@ def test_conv_step_quick(tmp_path: Path) -> None:
 
 
 def test_memory_quick(tmp_path: Path) -> None:
-    data = quick_json(tmp_path, "memory.py")["results"]
+    out = quick_json(tmp_path, "memory.py")
+    data, dims, batch = out["results"], out["dims"], out["batch"]
     assert {"adam", "kfac-split", "ekfac-ema", "ekfac-batch"} <= set(data)
+    per_example = 4 * batch * max(d_out * (d_in + 1) for d_in, d_out in itertools.pairwise(dims))
     for name, r in data.items():
-        assert r["param_bytes"] > 0 and r["state_bytes"] >= 0, name
-        assert all(v >= 0 for v in r["step_peak_bytes"].values()), name
+        assert 0 < r["largest_bytes"] < per_example / 8, name
+        assert r["step_peak_bytes"]["plain"] <= r["state_bytes"] + r["param_bytes"], name
+        if name.startswith(("kfe", "kfac", "ekfac")):
+            assert r["capture_bytes"] > 0, name  # x and g held from backward to step
     adam, params = data["adam"]["state_bytes"], data["adam"]["param_bytes"]
     assert 2 * params <= adam <= 2 * params + 4 * 16  # exp_avg, exp_avg_sq, 16 step counters
     assert set(data["ekfac-batch"]["step_peak_bytes"]) == {"plain", "factor", "refresh"}

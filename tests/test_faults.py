@@ -141,24 +141,30 @@ def test_robust_eigh_jitter_rescues(monkeypatch) -> None:
     assert torch.allclose(w, torch.ones(3, dtype=torch.float64), atol=1e-6)
 
 
-@pytest.mark.parametrize("fault", ["gradient", "factor"])
+@pytest.mark.parametrize("fault", ["gradient", "factor", "scaler"])
 def test_warnings_point_at_the_users_line(registry, fault: str) -> None:
-    """A warning from inside ``step`` names the line that called ``opt.step()``, not a
-    frame of kfe or of torch's wrappers around ``step``."""
+    """A warning from inside ``step`` names the line that called ``opt.step()`` (or
+    ``scaler.step(opt)``), not a frame of kfe or of torch's wrappers around ``step``."""
     model, opt, step = setup(registry)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
     step()
     opt.zero_grad()
     model(torch.randn(12, 4)).sum().backward()
     if fault == "gradient":
         model[2].bias.grad[0] = float("nan")
-    else:
+    else:  # a NaN factor: the refresh at step 2 fails
         opt.state[model[0].weight][K.FACTOR_A][0, 0] = float("nan")
-        opt.step()  # step 1; the refresh at step 2 fails
+        opt.step()
         opt.zero_grad()
-        model(torch.randn(12, 4)).sum().backward()
+        scaler.scale(model(torch.randn(12, 4)).sum()).backward()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        line = sys._getframe().f_lineno + 1
-        opt.step()
+        line = sys._getframe().f_lineno + 2
+        if fault == "scaler":
+            scaler.step(opt, loss_scale=scaler.get_scale())
+        else:
+            opt.step()
+    if fault != "scaler":
+        line += 2
     assert caught, "no warning"
     assert [(w.filename, w.lineno) for w in caught] == [(__file__, line)] * len(caught)

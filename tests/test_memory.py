@@ -39,6 +39,22 @@ def test_tracker_counts_new_storages_until_they_are_freed() -> None:
     assert usage.retained_bytes == 0
 
 
+def test_tracker_counts_growth_and_skips_meta_and_other_devices() -> None:
+    square, grown = torch.ones(64, 64), torch.empty(0)
+    with track_allocations() as usage:
+        torch.mm(square, square, out=torch.empty(0))  # an out= tensor resized by the op
+        grown.resize_(1000)  # an older storage grown: its 4000 new bytes count
+        torch.empty(1000, 1000, device="meta")
+        torch.empty(0).set_(square.untyped_storage())  # an older storage: nothing new
+    assert usage.count == 2  # the mm result in the grown out= tensor, and the growth
+    assert usage.largest_bytes == 64 * 64 * 4 and usage.retained_bytes == 4000
+    del grown
+    assert usage.retained_bytes == 0
+    with track_allocations(device="meta") as usage:
+        torch.ones(100)
+    assert usage.count == 0
+
+
 def steps(
     model: nn.Module, x: torch.Tensor, **settings: object
 ) -> Callable[[], list[tuple[tuple[int, ...], int]]]:
@@ -76,6 +92,8 @@ def test_linear_lambda_never_forms_per_example_gradients(positions: int | None) 
     per_example = n * d_out * (d_in + 1) * 4  # float32 bytes of (n, d_out, d_in + 1)
     largest = max(size for _, size in shapes)  # the pairs route's (n, 6, d_out) at T = 4
     assert largest <= per_example / 4, max(shapes, key=lambda s: s[1])
+    # nor in chunks: no tensor of per-example projected gradients (k, d_out, d_in + 1)
+    assert not [s for s, _ in shapes if len(s) == 3 and s[1:] == (d_out, d_in + 1)]
 
 
 def layer_and_input(kind: str) -> tuple[nn.Module, torch.Tensor, int, int]:

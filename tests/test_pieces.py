@@ -61,15 +61,31 @@ def test_fold_factors_skips_non_finite_batch_factors() -> None:
 
 def test_solve_factor_keeps_eigenvectors_in_the_old_order() -> None:
     Q = torch.linalg.qr(torch.randn(4, 4, dtype=DT, generator=torch.Generator().manual_seed(0)))[0]
-    old_values = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=DT)
-    new_values = torch.tensor([5.0, 0.5, 3.0, 1.5], dtype=DT)  # the order changes
+    new_values = torch.tensor([5.0, 0.5, 3.0, 1.5], dtype=DT)  # not in eigh's order
     factor = Q @ torch.diag(new_values) @ Q.T
     values, vectors = solve_factor(factor, Q, warm=False)  # type: ignore[misc]
     torch.testing.assert_close(values, new_values)
     torch.testing.assert_close(vectors.abs(), Q.abs())
     unaligned, _ = solve_factor(factor, Q, warm=False, align=False)  # type: ignore[misc]
-    torch.testing.assert_close(unaligned, new_values.sort().values)
-    assert torch.linalg.eigvalsh(Q @ torch.diag(old_values) @ Q.T).allclose(old_values)
+    torch.testing.assert_close(unaligned, new_values.sort().values)  # eigh's own order
+
+
+def test_solve_factor_warm_is_one_power_step_in_the_old_order() -> None:
+    """``warm``: ``QR(F Q_old)`` with column signs and order following ``Q_old``, and the
+    Rayleigh quotients of the old vectors as eigenvalues (no alignment needed)."""
+    gen = torch.Generator().manual_seed(1)
+    factor = spd(5, 2)
+    old = torch.linalg.qr(torch.randn(5, 5, dtype=DT, generator=gen))[0]
+    values, vectors = solve_factor(factor, old, warm=True)  # type: ignore[misc]
+    torch.testing.assert_close(values, (old * (factor @ old)).sum(0).clamp(min=0))
+    torch.testing.assert_close(vectors.T @ vectors, torch.eye(5, dtype=DT))
+    # each new column lies in the span of the power step's columns up to it (in the old
+    # order sorted by decreasing estimate): Q' R = F Q_old, column for column
+    order = values.argsort(descending=True)
+    power = (factor @ old)[:, order]
+    R = vectors[:, order].T @ power
+    torch.testing.assert_close(R, R.triu(), atol=1e-10, rtol=0)
+    assert solve_factor(factor.float(), old.float(), warm=True)[0].dtype == torch.float32  # type: ignore[index]
 
 
 def test_solve_factor_returns_none_on_a_non_finite_factor() -> None:
@@ -117,12 +133,12 @@ def test_captures_sum_to_refuses_a_changed_gradient(change: str) -> None:
     assert not bool(captures_sum_to(grad, pairs, probe))
 
 
-@pytest.mark.parametrize("nesterov", [False, True])
-def test_apply_update_is_torch_sgd_with_momentum_and_decay(nesterov: bool) -> None:
+@pytest.mark.parametrize(("nesterov", "dampening"), [(False, 0.0), (False, 0.3), (True, 0.0)])
+def test_apply_update_is_torch_sgd_with_momentum(nesterov: bool, dampening: float) -> None:
     gen = torch.Generator().manual_seed(0)
     ours = torch.randn(3, 4, dtype=DT, generator=gen)
     theirs = torch.nn.Parameter(ours.clone())
-    group = {"lr": 0.1, "momentum": 0.9, "dampening": 0.0, "nesterov": nesterov}
+    group = {"lr": 0.1, "momentum": 0.9, "dampening": dampening, "nesterov": nesterov}
     group["weight_decay"] = 0.0
     sgd = torch.optim.SGD([theirs], **group)
     st: dict[str, Any] = {}
@@ -139,8 +155,8 @@ def test_apply_update_decays_decoupled_as_adamw_does() -> None:
     group = {"lr": 0.5, "momentum": 0.0, "dampening": 0.0, "nesterov": False}
     group["weight_decay"] = 0.1
     direction = torch.full((3,), 2.0, dtype=DT)
-    apply_update(Update({}, group, direction, [p], lambda d: [d], direction), True)
+    apply_update(Update({}, group, direction, [p], lambda d: [d], direction), decoupled_decay=True)
     torch.testing.assert_close(p, torch.full((3,), 1 * (1 - 0.05) - 1.0, dtype=DT))
     q = torch.ones(3, dtype=DT)  # l2 style: the decay was in the gradient already
-    apply_update(Update({}, group, direction, [q], lambda d: [d], direction), False)
+    apply_update(Update({}, group, direction, [q], lambda d: [d], direction), decoupled_decay=False)
     torch.testing.assert_close(q, torch.full((3,), 0.0, dtype=DT))

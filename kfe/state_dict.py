@@ -73,14 +73,17 @@ def restore_state(
 
 def check_loadable(
     blocks: Sequence[LayerBlock],
+    state: Mapping[Tensor, Any],
+    *,
     ours: Mapping[str, str],
     saved: Mapping[str, Any],
-    state: Mapping[Tensor, Any],
 ) -> None:
     """Refuse a state dict of another rule, basis or fallback (``saved``: its ``"kfe"``
-    entry; its rule state would fail mid-step), or one whose factors or basis do not fit
-    a layer (another width): a ``ValueError`` naming what differs. A state dict without
-    the names (written before they were recorded) is checked by shape only."""
+    entry, against ``ours``, :func:`state_kinds` of this optimizer; its rule state would
+    fail mid-step), or one whose factors or basis in ``state`` (restored, keyed by
+    parameter) do not fit a layer (another width): a ``ValueError`` naming what differs.
+    A state dict without the names (written before they were recorded) is checked by
+    shape only."""
     theirs = {k: saved[k] for k in ours if k in saved}
     if any(theirs[k] != ours[k] for k in theirs):
 
