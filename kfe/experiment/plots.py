@@ -1,15 +1,15 @@
 """The figures of ``kfe report``, one function a PNG.
 
-- :func:`_plot_best`: ``loss_vs_epoch.png`` / ``loss_vs_time.png``, each label's best
+- :func:`plot_best`: ``loss_vs_epoch.png`` / ``loss_vs_time.png``, each label's best
   configuration, seed mean with the min-max over seeds shaded.
-- :func:`_plot_envelope`: ``envelope.png``, the per-epoch envelope against epochs and the
+- :func:`plot_envelope`: ``envelope.png``, the per-epoch envelope against epochs and the
   (time, metric) frontier against training seconds, as a step function.
-- :func:`_plot_sensitivity`: ``sensitivity_<label>.png``, a heatmap of the seed-mean
+- :func:`plot_sensitivity`: ``sensitivity_<label>.png``, a heatmap of the seed-mean
   final metric over the lr x damping grid (categorical axes; grey ``div`` cells for
   configurations with a diverged seed, a red border on the best); for a label without
   damping, :func:`_plot_lr_only` draws the final metric against lr instead.
 
-Each label keeps one colour (:func:`_colours`) in every figure. A metric axis is
+Each label keeps one colour (:func:`label_colours`) in every figure. A metric axis is
 logarithmic only when ``log_y`` is asked for and every plotted value is positive
 (:func:`_set_log`), with plain decimal tick labels.
 
@@ -32,12 +32,14 @@ from matplotlib.patches import Rectangle
 from matplotlib.ticker import LogFormatter, MaxNLocator
 
 from kfe.experiment.runs import FloatArray
-from kfe.experiment.selection import ConfigResult, _fmt_num, _LabelResult, _maximize, _num_key
+from kfe.experiment.selection import ConfigResult, LabelResult, fmt_num, higher_is_better, num_key
+
+__all__ = ["label_colours", "plot_best", "plot_envelope", "plot_sensitivity"]
 
 _DPI = 120
 
 
-def _colours(labels: Sequence[str]) -> dict[str, Any]:
+def label_colours(labels: Sequence[str]) -> dict[str, Any]:
     from matplotlib import colormaps
 
     cmap = colormaps["tab10" if len(labels) <= 10 else "tab20"]
@@ -74,8 +76,8 @@ def _save(fig: Figure, target: Path) -> None:
     fig.savefig(target, dpi=_DPI)
 
 
-def _plot_best(
-    results: Sequence[_LabelResult],
+def plot_best(
+    results: Sequence[LabelResult],
     colours: Mapping[str, Any],
     metric: str,
     log_y: bool,
@@ -114,8 +116,8 @@ def _plot_best(
     _save(fig, target)
 
 
-def _plot_envelope(
-    results: Sequence[_LabelResult],
+def plot_envelope(
+    results: Sequence[LabelResult],
     colours: Mapping[str, Any],
     metric: str,
     log_y: bool,
@@ -124,7 +126,7 @@ def _plot_envelope(
     fig = Figure(figsize=(11.0, 4.5), layout="constrained")
     by_epoch, by_time = fig.subplots(1, 2)
     plotted: list[FloatArray] = []
-    best_word = "max" if _maximize(metric) else "min"
+    best_word = "max" if higher_is_better(metric) else "min"
     for result in results:
         env = result.envelope
         if not env.values.size:
@@ -158,14 +160,14 @@ def _plot_envelope(
     _save(fig, target)
 
 
-def _plot_sensitivity(
-    result: _LabelResult, metric: str, log_y: bool, maximize: bool, target: Path
+def plot_sensitivity(
+    result: LabelResult, metric: str, log_y: bool, maximize: bool, target: Path
 ) -> None:
-    dampings = sorted({c.damping for c in result.configs}, key=_num_key)
+    dampings = sorted({c.damping for c in result.configs}, key=num_key)
     if dampings == [None]:
         _plot_lr_only(result, metric, log_y, target)
         return
-    lrs = sorted({c.lr for c in result.configs}, key=_num_key)
+    lrs = sorted({c.lr for c in result.configs}, key=num_key)
     grid = np.full((len(dampings), len(lrs)), np.nan)
     chosen: dict[tuple[int, int], ConfigResult] = {}
     for config in result.configs:
@@ -217,8 +219,8 @@ def _plot_sensitivity(
         for j in range(len(lrs)):
             if (i, j) not in chosen:
                 ax.text(j, i, "no run", ha="center", va="center", color="0.6", fontsize=8)
-    ax.set_xticks(range(len(lrs)), [_fmt_num(v) for v in lrs])
-    ax.set_yticks(range(len(dampings)), [_fmt_num(v) for v in dampings])
+    ax.set_xticks(range(len(lrs)), [fmt_num(v) for v in lrs])
+    ax.set_yticks(range(len(dampings)), [fmt_num(v) for v in dampings])
     ax.set_xlabel("lr")
     ax.set_ylabel("damping")
     ax.set_xlim(-0.5, len(lrs) - 0.5)
@@ -247,8 +249,8 @@ def _cell_rank(config: ConfigResult, maximize: bool) -> tuple[int, float]:
     return (1, float(config.n_seeds - config.n_diverged))
 
 
-def _plot_lr_only(result: _LabelResult, metric: str, log_y: bool, target: Path) -> None:
-    lrs = sorted({c.lr for c in result.configs}, key=_num_key)
+def _plot_lr_only(result: LabelResult, metric: str, log_y: bool, target: Path) -> None:
+    lrs = sorted({c.lr for c in result.configs}, key=num_key)
     fig = Figure(figsize=(max(4.5, 0.9 * len(lrs) + 2.5), 3.6), layout="constrained")
     ax = fig.add_subplot()
     xs, ys, errs = [], [], []
@@ -257,7 +259,7 @@ def _plot_lr_only(result: _LabelResult, metric: str, log_y: bool, target: Path) 
         configs = [c for c in result.configs if c.lr == lr]
         good = [c for c in configs if c.eligible and math.isfinite(c.final_mean)]
         if good:
-            pick = min(good, key=lambda c: _cell_rank(c, _maximize(metric)))
+            pick = min(good, key=lambda c: _cell_rank(c, higher_is_better(metric)))
             xs.append(j)
             ys.append(pick.final_mean)
             errs.append(pick.final_std if pick.n_seeds > 1 else 0.0)
@@ -267,7 +269,7 @@ def _plot_lr_only(result: _LabelResult, metric: str, log_y: bool, target: Path) 
         ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, color="C0")
         for x, y in zip(xs, ys, strict=True):
             ax.annotate(
-                _fmt_num(y),
+                fmt_num(y),
                 (x, y),
                 textcoords="offset points",
                 xytext=(0, 6),
@@ -281,7 +283,7 @@ def _plot_lr_only(result: _LabelResult, metric: str, log_y: bool, target: Path) 
         ax.text(
             j, 0.5, text, ha="center", va="center", transform=ax.get_xaxis_transform(), fontsize=9
         )
-    ax.set_xticks(range(len(lrs)), [_fmt_num(v) for v in lrs])
+    ax.set_xticks(range(len(lrs)), [fmt_num(v) for v in lrs])
     ax.set_xlim(-0.5, len(lrs) - 0.5)
     ax.set_xlabel("lr")
     ax.set_ylabel(f"final {metric}")

@@ -34,29 +34,29 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from kfe.experiment.plots import _colours, _plot_best, _plot_envelope, _plot_sensitivity
+from kfe.experiment.plots import label_colours, plot_best, plot_envelope, plot_sensitivity
 from kfe.experiment.runs import (
     ReportError,
     ReportWarning,
     RunRecord,
-    _why_skipped,
     find_run_dirs,
     load_run,
     load_runs,
+    why_skipped,
 )
 from kfe.experiment.selection import (
     ConfigResult,
     Envelope,
     TargetHit,
-    _analyse,
-    _maximize,
+    analyse,
     best_config,
     envelope,
     group_configs,
+    higher_is_better,
     time_frontier,
     time_to_target,
 )
-from kfe.experiment.summary import ReportFiles, _summary_markdown
+from kfe.experiment.summary import ReportFiles, summary_markdown
 
 __all__ = [
     "ConfigResult",
@@ -102,13 +102,13 @@ def write_report(
     path = Path(path)
     _check_targets(targets)
     out = Path(out_dir) if out_dir is not None else path / "report"
-    maximize = _maximize(metric)
+    maximize = higher_is_better(metric)
     everything = load_runs(path, include_unfinished=True)
     single = find_run_dirs(path) == [path]
     runs = everything if single else [r for r in everything if r.finished]
     skipped = [] if single else [r for r in everything if not r.finished]
     for run in skipped:
-        warnings.warn(f"{run.path}: {_why_skipped(run)}; skipped", ReportWarning, stacklevel=2)
+        warnings.warn(f"{run.path}: {why_skipped(run)}; skipped", ReportWarning, stacklevel=2)
     if not runs:
         raise ReportError(f"{path}: no finished run to report ({len(skipped)} unfinished)")
     available = set().union(*(r.metric_names() for r in runs))
@@ -117,8 +117,8 @@ def write_report(
         raise ReportError(f"{path}: no run reports the metric {metric!r} (available: {names})")
 
     grouped = group_configs(runs, metric)
-    results = [_analyse(label, configs, maximize) for label, configs in grouped.items()]
-    colours = _colours([r.label for r in results])
+    results = [analyse(label, configs, maximize) for label, configs in grouped.items()]
+    colours = label_colours([r.label for r in results])
 
     out.mkdir(parents=True, exist_ok=True)
     files = ReportFiles(
@@ -128,9 +128,9 @@ def write_report(
         loss_vs_time=out / "loss_vs_time.png",
         envelope=out / "envelope.png",
     )
-    _plot_best(results, colours, metric, log_y, files.loss_vs_epoch, against="epoch")
-    _plot_best(results, colours, metric, log_y, files.loss_vs_time, against="time")
-    _plot_envelope(results, colours, metric, log_y, files.envelope)
+    plot_best(results, colours, metric, log_y, files.loss_vs_epoch, against="epoch")
+    plot_best(results, colours, metric, log_y, files.loss_vs_time, against="time")
+    plot_envelope(results, colours, metric, log_y, files.envelope)
     used: set[str] = set()
     for result in results:
         lrs = {c.lr for c in result.configs}
@@ -139,7 +139,7 @@ def write_report(
             continue
         name = _file_stem(result.label, used)
         target = out / f"sensitivity_{name}.png"
-        _plot_sensitivity(result, metric, log_y, maximize, target)
+        plot_sensitivity(result, metric, log_y, maximize, target)
         files.sensitivity[result.label] = target
 
     if targets is None:
@@ -151,7 +151,7 @@ def write_report(
     else:
         target_list = [(float(t), "") for t in targets]
     files.summary.write_text(
-        _summary_markdown(path, results, skipped, target_list, files, metric, maximize)
+        summary_markdown(path, results, skipped, target_list, files, metric, maximize)
     )
     return files
 

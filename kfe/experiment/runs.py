@@ -38,6 +38,7 @@ import yaml
 
 __all__ = [
     "CONFIG_FILE",
+    "CORE_AXES",
     "METRICS_FILE",
     "SUMMARY_FILE",
     "FloatArray",
@@ -45,9 +46,12 @@ __all__ = [
     "ReportError",
     "ReportWarning",
     "RunRecord",
+    "as_float",
+    "axis_name",
     "find_run_dirs",
     "load_run",
     "load_runs",
+    "why_skipped",
 ]
 
 FloatArray = npt.NDArray[np.float64]
@@ -108,7 +112,7 @@ class RunRecord:
             for key, value in row.items():
                 if key in _BOOKKEEPING:
                     continue
-                number = _as_float(value)
+                number = as_float(value)
                 if number is not None and not math.isfinite(number):
                     return True
         return False
@@ -116,7 +120,7 @@ class RunRecord:
     @property
     def config_key(self) -> Hashable:
         """What identifies the configuration: lr, damping and every other axis but the seed."""
-        other = {k: v for k, v in self.axes.items() if _axis_name(k) not in _CORE_AXES}
+        other = {k: v for k, v in self.axes.items() if axis_name(k) not in CORE_AXES}
         return (self.lr, self.damping, json.dumps(other, sort_keys=True, default=str))
 
     def series(self, metric: str) -> tuple[IntArray, FloatArray, FloatArray]:
@@ -128,11 +132,11 @@ class RunRecord:
         times: list[float] = []
         values: list[float] = []
         for row in self.rows:
-            value = _as_float(row.get(metric))
+            value = as_float(row.get(metric))
             if value is None:
                 continue
             epochs.append(int(row.get("epoch", len(epochs))))
-            time = _as_float(row.get("time"))
+            time = as_float(row.get("time"))
             times.append(math.nan if time is None else time)
             values.append(value)
         return (
@@ -151,14 +155,14 @@ class RunRecord:
         }
 
 
-_CORE_AXES = frozenset({"lr", "damping", "seed"})
+CORE_AXES = frozenset({"lr", "damping", "seed"})
 
 
-def _axis_name(key: str) -> str:
+def axis_name(key: str) -> str:
     return key.rsplit(".", 1)[-1]
 
 
-def _as_float(value: Any) -> float | None:
+def as_float(value: Any) -> float | None:
     """A number from a JSON value; ``None`` for null and anything not numeric."""
     if value is None or isinstance(value, bool):
         return None
@@ -202,7 +206,7 @@ def _read_metrics(path: Path) -> list[dict[str, Any]]:
             )
             continue
         rows.append(row)
-    rows.sort(key=lambda r: (_as_float(r.get("epoch")) or 0.0, _as_float(r.get("step")) or 0.0))
+    rows.sort(key=lambda r: (as_float(r.get("epoch")) or 0.0, as_float(r.get("step")) or 0.0))
     return rows
 
 
@@ -265,8 +269,8 @@ def load_run(run_dir: Path) -> RunRecord:
     return RunRecord(
         path=run_dir,
         label=label,
-        lr=_as_float(lr),
-        damping=_as_float(damping),
+        lr=as_float(lr),
+        damping=as_float(damping),
         seed=seed_value,
         axes=axes,
         status=status,
@@ -306,7 +310,7 @@ def find_run_dirs(path: Path) -> list[Path]:
     return found
 
 
-def _why_skipped(run: RunRecord) -> str:
+def why_skipped(run: RunRecord) -> str:
     if run.status == "unfinished":
         return f"no {SUMMARY_FILE} (unfinished)"
     return f"status {run.status!r} in {SUMMARY_FILE}"
@@ -333,7 +337,7 @@ def load_runs(path: Path, *, include_unfinished: bool = False) -> list[RunRecord
                 stacklevel=2,
             )
         elif not run.finished and not include_unfinished:
-            warnings.warn(f"{run_dir}: {_why_skipped(run)}; skipped", ReportWarning, stacklevel=2)
+            warnings.warn(f"{run_dir}: {why_skipped(run)}; skipped", ReportWarning, stacklevel=2)
             continue
         runs.append(run)
     return runs

@@ -1,6 +1,6 @@
 """Model selection over the runs of an ablation: configurations, best, envelope, targets.
 
-Definitions (``maximize`` flips every "lower" to "higher"; :func:`_maximize` says a
+Definitions (``maximize`` flips every "lower" to "higher"; :func:`higher_is_better` says a
 metric whose name contains ``acc`` is maximized, every other one minimized):
 
 - A *configuration* of a label is everything its runs were given except the seed
@@ -23,7 +23,7 @@ metric whose name contains ``acc`` is maximized, every other one minimized):
   at which an eligible configuration's seed mean is ``<= y`` (up to a relative slack of
   ``1e-12``), with its epoch: where the time frontier first crosses ``y``.
 
-:func:`_analyse` bundles all of these for one label (:class:`_LabelResult`), which the
+:func:`analyse` bundles all of these for one label (:class:`LabelResult`), which the
 plots and the summary read.
 """
 
@@ -37,15 +37,20 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from kfe.experiment.runs import _CORE_AXES, FloatArray, IntArray, RunRecord, _axis_name
+from kfe.experiment.runs import CORE_AXES, FloatArray, IntArray, RunRecord, axis_name
 
 __all__ = [
     "ConfigResult",
     "Envelope",
+    "LabelResult",
     "TargetHit",
+    "analyse",
     "best_config",
     "envelope",
+    "fmt_num",
     "group_configs",
+    "higher_is_better",
+    "num_key",
     "time_frontier",
     "time_to_target",
 ]
@@ -54,7 +59,7 @@ __all__ = [
 # -- formatting (configuration descriptions, plots, summary.md) --------------------
 
 
-def _fmt_num(value: float | None) -> str:
+def fmt_num(value: float | None) -> str:
     """A number as the report writes it: 4 significant digits, ``none`` for None."""
     if value is None:
         return "none"
@@ -64,7 +69,7 @@ def _fmt_num(value: float | None) -> str:
 
 
 def _fmt_value(value: Any) -> str:
-    return _fmt_num(float(value)) if isinstance(value, float) else str(value)
+    return fmt_num(float(value)) if isinstance(value, float) else str(value)
 
 
 # -- aggregation -------------------------------------------------------------------
@@ -125,9 +130,9 @@ class ConfigResult:
 
     def describe(self, varying: Iterable[str] = ()) -> str:
         """``lr=0.1, damping=0.001`` plus the other axes named in ``varying``."""
-        parts = [f"lr={_fmt_num(self.lr)}"]
+        parts = [f"lr={fmt_num(self.lr)}"]
         if self.damping is not None:
-            parts.append(f"damping={_fmt_num(self.damping)}")
+            parts.append(f"damping={fmt_num(self.damping)}")
         parts += [f"{k}={_fmt_value(self.axes[k])}" for k in varying if k in self.axes]
         return ", ".join(parts)
 
@@ -151,7 +156,7 @@ def _aggregate(label: str, runs: Sequence[RunRecord], metric: str) -> ConfigResu
             mean, low, high = values.mean(axis=0), values.min(axis=0), values.max(axis=0)
             finals = values[:, -1].copy()
     first = runs[0]
-    other = {k: v for k, v in first.axes.items() if _axis_name(k) not in _CORE_AXES}
+    other = {k: v for k, v in first.axes.items() if axis_name(k) not in CORE_AXES}
     return ConfigResult(
         label=label,
         lr=first.lr,
@@ -187,8 +192,8 @@ def group_configs(runs: Iterable[RunRecord], metric: str) -> dict[str, list[Conf
         configs = [_aggregate(label, group, metric) for group in by_label[label].values()]
         configs.sort(
             key=lambda c: (
-                _num_key(c.lr),
-                _num_key(c.damping),
+                num_key(c.lr),
+                num_key(c.damping),
                 json.dumps(c.axes, sort_keys=True, default=str),
             )
         )
@@ -196,11 +201,11 @@ def group_configs(runs: Iterable[RunRecord], metric: str) -> dict[str, list[Conf
     return result
 
 
-def _num_key(value: float | None) -> tuple[int, float]:
+def num_key(value: float | None) -> tuple[int, float]:
     return (0, 0.0) if value is None else (1, value)
 
 
-def _maximize(metric: str) -> bool:
+def higher_is_better(metric: str) -> bool:
     """Accuracies are maximized; every other metric (a loss) is minimized."""
     return "acc" in metric.lower()
 
@@ -326,8 +331,8 @@ def time_to_target(
 
 
 @dataclass(frozen=True, eq=False)
-class _LabelResult:
-    """Everything the plots and ``summary.md`` show of one label (see :func:`_analyse`)."""
+class LabelResult:
+    """Everything the plots and ``summary.md`` show of one label (see :func:`analyse`)."""
 
     label: str
     configs: list[ConfigResult]
@@ -342,7 +347,7 @@ class _LabelResult:
         return [c for c in self.configs if c.eligible]
 
 
-def _analyse(label: str, configs: list[ConfigResult], maximize: bool) -> _LabelResult:
+def analyse(label: str, configs: list[ConfigResult], maximize: bool) -> LabelResult:
     """The best configuration, the envelope and the time frontier of one label's eligible
     configurations, and the axes other than lr and damping whose values vary among them."""
     eligible = [c for c in configs if c.eligible]
@@ -355,7 +360,7 @@ def _analyse(label: str, configs: list[ConfigResult], maximize: bool) -> _LabelR
         for key, value in config.axes.items():
             axes_values.setdefault(key, set()).add(json.dumps(value, sort_keys=True, default=str))
     varying = sorted(k for k, v in axes_values.items() if len(v) > 1)
-    return _LabelResult(
+    return LabelResult(
         label=label,
         configs=configs,
         best=best_config(configs, maximize),

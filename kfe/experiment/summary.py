@@ -1,7 +1,7 @@
 """``summary.md``: the markdown tables of ``kfe report``, and :class:`ReportFiles`.
 
-:func:`_summary_markdown` writes, from the per-label results of
-:func:`~kfe.experiment.selection._analyse`:
+:func:`summary_markdown` writes, from the per-label results of
+:func:`~kfe.experiment.selection.analyse`:
 
 - an overview, one row a label: best configuration, its final metric (mean ± population
   std over seeds), best-ever envelope value and its epoch, training time, diverged runs;
@@ -11,7 +11,7 @@
 - a table per label (:func:`_label_table`), with the training time of all its runs;
 - the diverged runs and the skipped (unfinished or failed) ones.
 
-Numbers are written with 4 significant digits (:func:`~kfe.experiment.selection._fmt_num`),
+Numbers are written with 4 significant digits (:func:`~kfe.experiment.selection.fmt_num`),
 times as ``<seconds> s`` or ``n/a``.
 """
 
@@ -25,17 +25,17 @@ from typing import Any
 
 import numpy as np
 
-from kfe.experiment.runs import RunRecord, _as_float, _why_skipped
+from kfe.experiment.runs import RunRecord, as_float, why_skipped
 from kfe.experiment.selection import (
     ConfigResult,
     Envelope,
+    LabelResult,
     TargetHit,
-    _fmt_num,
-    _LabelResult,
+    fmt_num,
     time_to_target,
 )
 
-__all__ = ["ReportFiles"]
+__all__ = ["ReportFiles", "summary_markdown"]
 
 
 @dataclass(frozen=True)
@@ -75,9 +75,9 @@ def _fmt_hit(hit: TargetHit | None) -> str:
     return "not reached" if hit is None else f"{_fmt_time(hit.time)} (epoch {hit.epoch})"
 
 
-def _summary_markdown(
+def summary_markdown(
     path: Path,
-    results: Sequence[_LabelResult],
+    results: Sequence[LabelResult],
     skipped: Sequence[RunRecord],
     targets: Sequence[tuple[float, str]],
     files: ReportFiles,
@@ -164,7 +164,7 @@ def _summary_markdown(
     if skipped:
         lines += ["", "## Skipped runs (unfinished or failed)", ""]
         lines += [
-            f"- `{_rel(run.path, path)}` ({run.label}, {_run_desc(run)}): {_why_skipped(run)}"
+            f"- `{_rel(run.path, path)}` ({run.label}, {_run_desc(run)}): {why_skipped(run)}"
             for run in skipped
         ]
     return "\n".join(lines) + "\n"
@@ -183,9 +183,9 @@ def _seeds(n: int) -> str:
 
 
 def _run_desc(run: RunRecord) -> str:
-    parts = [f"lr={_fmt_num(run.lr)}"]
+    parts = [f"lr={fmt_num(run.lr)}"]
     if run.damping is not None:
-        parts.append(f"damping={_fmt_num(run.damping)}")
+        parts.append(f"damping={fmt_num(run.damping)}")
     if run.seed is not None:
         parts.append(f"seed={run.seed}")
     return ", ".join(parts)
@@ -193,30 +193,30 @@ def _run_desc(run: RunRecord) -> str:
 
 def _run_time(run: RunRecord) -> float:
     """The last finite training time a run recorded (0 if none)."""
-    times = [_as_float(row.get("time")) for row in run.rows]
+    times = [as_float(row.get("time")) for row in run.rows]
     finite = [t for t in times if t is not None and math.isfinite(t)]
     return finite[-1] if finite else 0.0
 
 
 def _mean_std(config: ConfigResult) -> str:
     if config.finals.size > 1:
-        return f"{_fmt_num(config.final_mean)} ± {_fmt_num(config.final_std)}"
-    return _fmt_num(config.final_mean)
+        return f"{fmt_num(config.final_mean)} ± {fmt_num(config.final_std)}"
+    return fmt_num(config.final_mean)
 
 
 def _best_ever(env: Envelope, maximize: bool) -> str:
     if not env.values.size:
         return "n/a"
     i = int(np.argmax(env.values) if maximize else np.argmin(env.values))
-    return f"{_fmt_num(float(env.values[i]))} (epoch {int(env.epochs[i])})"
+    return f"{fmt_num(float(env.values[i]))} (epoch {int(env.epochs[i])})"
 
 
 def _target_head(target: float, source: str, reach: str) -> str:
-    return f"{reach} {_fmt_num(target)}" + (f" ({source})" if source else "")
+    return f"{reach} {fmt_num(target)}" + (f" ({source})" if source else "")
 
 
 def _label_table(
-    r: _LabelResult,
+    r: LabelResult,
     targets: Sequence[tuple[float, str]],
     metric: str,
     maximize: bool,
@@ -239,7 +239,7 @@ def _label_table(
     rows += [
         f"| best configuration | {best.describe(r.varying)} |",
         f"| final {metric} | {_mean_std(best)} ({_seeds(best.finals.size)}) |",
-        f"| best-ever, best configuration | {_fmt_num(float(best.mean[k]))} "
+        f"| best-ever, best configuration | {fmt_num(float(best.mean[k]))} "
         f"(epoch {int(best.epochs[k])}) |",
         f"| best-ever, any configuration | {_best_ever(r.envelope, maximize)} |",
         f"| training time, best configuration | {_fmt_time(best.final_time)} "
