@@ -20,7 +20,8 @@ import yaml
 
 from kfe.cli import main
 from kfe.experiment.config import load_experiment
-from kfe.experiment.train import RunLog, train
+from kfe.experiment.run_dir import RunLog
+from kfe.experiment.train import train
 from tests.tiny import TINY_RUN as TINY
 
 pytestmark = pytest.mark.usefixtures("one_thread")

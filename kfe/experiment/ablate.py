@@ -4,7 +4,7 @@ The grid is the ``ablate`` section of an experiment config (:class:`AblateConfig
 for each variant, every combination of the shared axes and the variant's own axes.
 An axis with no values, or a field that both the shared grid and a variant set (its
 ``set`` or its own grid), is a :class:`ConfigError` naming the axis and the variant.
-Each grid point is a full run in ``OUT/runs/<run_id>/`` (see :mod:`kfe.experiment.train`);
+Each grid point is a full run in ``OUT/runs/<run_id>/`` (see :mod:`kfe.experiment.run_dir`);
 a run whose ``summary.json`` says ``done`` for the same config is skipped on restart, and
 one with a checkpoint but no (readable) summary is resumed. ``OUT/results.csv`` has one
 row per run; a failed run's ``error`` is the exception's type and message on one line.
