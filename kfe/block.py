@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from kfe.registry import Registry
     from kfe.source import BasisSource
 
-__all__ = ["LayerBlock", "factor_sides", "find_blocks"]
+__all__ = ["LayerBlock", "find_blocks"]
 
 
 @dataclass(eq=False)
@@ -140,10 +140,3 @@ def find_blocks(
             if p in params and p not in taken and p.dim() >= 2:
                 blocks.append(LayerBlock(name, None, None, p, None))
     return blocks
-
-
-def factor_sides(block: LayerBlock) -> tuple[int, int]:
-    """``(d_A, d_B)``: the sides of a block's two factors, from its matrix shape."""
-    with torch.no_grad():
-        d_out, d_in = block.matrix(*(p.detach() for p in block.params)).shape
-    return d_in, d_out

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from kfe import state_keys as K
 from kfe.basis import Eigenbasis
-from kfe.block import LayerBlock, factor_sides, find_blocks
+from kfe.block import LayerBlock, find_blocks
 from kfe.capture import CurvatureCapture, LossKind, Reduction
 from kfe.checks import all_finite, checked_params, checked_scale, finite_each
 from kfe.config import KFEConfigBase, config_model, load_config
@@ -213,8 +213,6 @@ class KFEOptimizer(torch.optim.Optimizer):
         """Zero-padded copies of each block's basis for fast matmuls; rebuilt at refresh."""
         self._probes: dict[int, Tensor] = {}
         """Probe vectors of :meth:`_gradients_in_captures`, by width."""
-        self._factor_sides = [factor_sides(b) for b in self.blocks]
-        """``(d_A, d_B)`` of each block: the sides of its two Kronecker factors."""
         self._block_index = {b: i for i, b in enumerate(self.blocks)}
         self._owner_plan: tuple[int, list[int]] | None = None
         self._comm: Communicator | None = None
@@ -286,7 +284,8 @@ class KFEOptimizer(torch.optim.Optimizer):
     def _owners(self, world_size: int) -> list[int]:
         """Owner rank of factor ``2 i`` (block ``i``'s ``A``) and ``2 i + 1`` (its ``B``)."""
         if self._owner_plan is None or self._owner_plan[0] != world_size:
-            costs = [d**3 for sides in self._factor_sides for d in sides]
+            # block i's factors: A (side d_in[+1]) then B (side d_out)
+            costs = [d**3 for b in self.blocks for d in reversed(b.shape)]
             self._owner_plan = (world_size, assign_owners(costs, world_size))
         return self._owner_plan[1]
 
