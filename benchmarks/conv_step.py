@@ -51,6 +51,11 @@ def main() -> None:
         "--examples-route", action="store_true", help="Lambda never takes the pairs route"
     )
     p.add_argument("--threads", type=int, help="torch.set_num_threads")
+    p.add_argument(
+        "--matmul-dtype",
+        choices=("bfloat16", "float16"),
+        help="kfe's matmul_dtype (default: the parameters' float32; docs/precision.md)",
+    )
     p.add_argument("--quick", action="store_true", help="smoke run: tiny model, few steps")
     p.add_argument("--json", type=Path, metavar="PATH")
     args = p.parse_args()
@@ -67,7 +72,9 @@ def main() -> None:
     data = [
         (torch.randn(args.batch, 3, 32, 32), torch.randint(0, 10, (args.batch,))) for _ in range(2)
     ]
-    extra = {} if args.lambda_chunk_mb is None else {"lambda_chunk_mb": args.lambda_chunk_mb}
+    extra: dict[str, object] = {"matmul_dtype": args.matmul_dtype}
+    if args.lambda_chunk_mb is not None:
+        extra["lambda_chunk_mb"] = args.lambda_chunk_mb
     runs: dict[str, tuple[nn.Module, torch.optim.Optimizer]] = {}
     model = copy.deepcopy(base)
     runs["adam"] = (model, torch.optim.Adam(model.parameters(), lr=1e-3))

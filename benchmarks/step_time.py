@@ -191,6 +191,7 @@ def default_specs(args: argparse.Namespace) -> list[Spec]:
     """The default suite: SGD, Adam and the KFE optimizers the project has targets for."""
     kfe_common = {
         "eigensolver": args.eigensolver,
+        "matmul_dtype": args.matmul_dtype,
         "lr": args.kfe_lr,
         "damping": args.damping,
         "momentum": args.momentum,
@@ -312,6 +313,7 @@ def grid_specs(args: argparse.Namespace, extras: dict[str, dict[str, Any]]) -> l
             "lambda_every": 1,
             "factor_decay": args.factor_decay,
             "eigensolver": args.eigensolver,
+            "matmul_dtype": args.matmul_dtype,
         }
         name = f"{rule}-{basis}"
         label = "KFE " + ", ".join(f"{k}={v}" for k, v in settings.items())
@@ -987,6 +989,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=("eigh", "power_qr"),
         default="eigh",
         help="KFE refresh: exact eigh, or SOAP's warm-started power step + QR",
+    )
+    p.add_argument(
+        "--matmul-dtype",
+        choices=("bfloat16", "float16"),
+        default=None,
+        help="KFE matmul_dtype (default: none, the parameters' float32; docs/precision.md)",
     )
     p.add_argument("--batches", type=int, default=4, help="distinct synthetic batches cycled")
     p.add_argument("--seed", type=int, default=0)

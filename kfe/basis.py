@@ -39,8 +39,12 @@ def chain(left: Tensor, matrix: Tensor, right: Tensor) -> Tensor:
     ``right`` meet ``matrix``, which is exact because the padding is zero; the result is
     cut back to ``matrix``'s shape. ``matrix @ right`` is formed first, so that ``matrix``
     (whose odd row length slows BLAS down as the right operand) is the left operand of
-    both products, and nothing is copied.
+    both products, and nothing is copied. Where ``left``/``right`` are in a lower
+    precision than ``matrix`` (``matmul_dtype``), ``matrix`` is rounded to theirs and the
+    result cast back to ``matrix``'s dtype.
     """
+    if left.dtype != matrix.dtype:  # a lowered-precision basis: compute in its dtype
+        return chain(left, matrix.to(left.dtype), right).to(matrix.dtype)
     rows, cols = matrix.shape[-2:]
     if left.shape[-1] == rows and right.shape[-2] == cols:
         return left @ matrix @ right
@@ -75,10 +79,15 @@ class Eigenbasis(NamedTuple):
         """KFE coordinates to parameter space: ``U_B M U_A^T``."""
         return chain(self.U_B, matrix, self.U_A.mT)
 
-    def padded(self) -> Eigenbasis:
+    def padded(self, dtype: torch.dtype | None = None) -> Eigenbasis:
         """The same basis with ``U_B``, ``U_A`` zero-padded (:func:`pad_square`) for fast
-        :meth:`project` / :meth:`unproject`; eigenvalues are left as they are."""
-        return Eigenbasis(pad_square(self.U_B), self.b, pad_square(self.U_A), self.a)
+        :meth:`project` / :meth:`unproject`, and cast to ``dtype`` if given (the
+        ``matmul_dtype``: :func:`chain` then computes in it); eigenvalues are left as
+        they are."""
+        U_B, U_A = pad_square(self.U_B), pad_square(self.U_A)
+        if dtype is not None:
+            U_B, U_A = U_B.to(dtype), U_A.to(dtype)
+        return Eigenbasis(U_B, self.b, U_A, self.a)
 
     def aligned_to(self, old: Eigenbasis) -> Eigenbasis:
         """This basis with its eigenvectors reordered to follow ``old``'s.

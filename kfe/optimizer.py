@@ -111,6 +111,9 @@ class _Job:
     """A fresh ``E_i[(U_B^T G_i U_A)^2]`` (averaged over ranks), if this step made one."""
     projected: Tensor | None = None
     """``U_B^T grad U_A`` formed from the captures, if they are known to sum to ``grad``."""
+    sums_to: Tensor | None = None
+    """Whether ``grad`` is the captures' sum (0-dim bool, no host sync yet), if checked:
+    :meth:`KFEOptimizer._capture_check`."""
 
     @property
     def current(self) -> Eigenbasis:
@@ -209,10 +212,13 @@ class KFEOptimizer(torch.optim.Optimizer):
         )
         self._step = 0
         self._warned: set[str] = set()
+        self._matmul_dtype: torch.dtype | None = (
+            getattr(torch, self.config.matmul_dtype) if self.config.matmul_dtype else None
+        )
         self._padded: dict[LayerBlock, Eigenbasis] = {}
         """Zero-padded copies of each block's basis for fast matmuls; rebuilt at refresh."""
         self._probes: dict[int, Tensor] = {}
-        """Probe vectors of :meth:`_gradients_in_captures`, by width."""
+        """Probe vectors of :meth:`_capture_check`, by width."""
         self._block_index = {b: i for i, b in enumerate(self.blocks)}
         self._owner_plan: tuple[int, list[int]] | None = None
         self._comm: Communicator | None = None
@@ -464,7 +470,13 @@ class KFEOptimizer(torch.optim.Optimizer):
                 for x, g in captured
             ]
         scales = [self.capture.example_scale(g) for _, g in pairs]
-        return _Job(block, group, st, grad, pairs, scales, Eigenbasis(**st[K.BASIS]))
+        job = _Job(block, group, st, grad, pairs, scales, Eigenbasis(**st[K.BASIS]))
+        if pairs and self._wants_squares:
+            job.sums_to = self._capture_check(job)
+        lowered = self._matmul_dtype
+        if lowered is not None and lowered != grad.dtype:  # after the check, which is exact
+            job.pairs = [(x.to(lowered), g.to(lowered)) for x, g in pairs]
+        return job
 
     def _warn_uncaptured(self, block: LayerBlock, saw_input: bool) -> None:
         """Warn (once per layer) that a layer whose weight has a gradient captured nothing
@@ -494,7 +506,10 @@ class KFEOptimizer(torch.optim.Optimizer):
         data (captures; Shampoo's come from the already averaged gradient), then the EMAs.
         """
         with phase("kfe/factors"):
-            found = [self.source.batch_factors(job.grad, _per_example(job)) for job in jobs]
+            found = [
+                self.source.batch_factors(self._lowered(job.grad), _per_example(job))
+                for job in jobs
+            ]
         comm = self.communicator
         if comm.active and self.source.needs_capture:
             found = self._average(
@@ -506,7 +521,8 @@ class KFEOptimizer(torch.optim.Optimizer):
         with phase("kfe/factors"):
             for job, factors in zip(jobs, found, strict=True):
                 if factors is not None:
-                    self._fold_factors(job.block, job.st, factors[0], factors[1])
+                    A, B = (f.to(job.grad.dtype) for f in factors)  # from matmul_dtype
+                    self._fold_factors(job.block, job.st, A, B)
 
     def _fold_factors(self, block: LayerBlock, st: dict[str, Any], A: Tensor, B: Tensor) -> None:
         """:func:`kfe.refresh.fold_factors`, warning once per layer where the batch factors
@@ -631,7 +647,7 @@ class KFEOptimizer(torch.optim.Optimizer):
             return None
         fast = self._padded.get(job.block)
         if fast is None:
-            fast = self._padded[job.block] = job.current.padded()
+            fast = self._padded[job.block] = job.current.padded(self._matmul_dtype)
         return fast
 
     # phase 4: per-example statistics
@@ -666,7 +682,9 @@ class KFEOptimizer(torch.optim.Optimizer):
                         gradient=in_captures.get(job, False),
                         example_scales=job.example_scales,
                     )
-                squares, job.projected = moments
+                dtype = job.grad.dtype  # the moments come in matmul_dtype
+                squares = moments.squares.to(dtype)
+                job.projected = None if moments.gradient is None else moments.gradient.to(dtype)
             found.append(squares)
         if self.communicator.active:
             found = self._average(due, found, lambda g: [tuple(g.shape)], "squared projections")
@@ -681,9 +699,21 @@ class KFEOptimizer(torch.optim.Optimizer):
             job.squares = squares
 
     def _gradients_in_captures(self, jobs: list[_Job]) -> list[bool]:
-        """Per job, whether ``grad = sum_p g_p^T x_p`` over its captured pairs (``g`` as the
-        capture stores it, the gradient of the loss as computed); one host sync for all
-        jobs.
+        """Per job, whether its ``grad`` is the sum of its captures
+        (:meth:`_capture_check`, made when the job started); one host sync for all."""
+        out = [False] * len(jobs)
+        checked = [k for k, job in enumerate(jobs) if job.sums_to is not None]
+        if checked:
+            flags = torch.stack([cast(Tensor, jobs[k].sums_to) for k in checked]).tolist()
+            for k, ok in zip(checked, flags, strict=True):
+                out[k] = ok
+                self.gradients_from_captures += ok
+        return out
+
+    def _capture_check(self, job: _Job) -> Tensor | None:
+        """Whether ``grad = sum_p g_p^T x_p`` over the job's captured pairs (``g`` as the
+        capture stores it, the gradient of the loss as computed), as a 0-dim bool tensor
+        (no host sync), or ``None`` where it cannot hold.
 
         Then the Lambda phase can hand the rule ``U_B^T grad U_A`` from the rotated
         captures it forms anyway (:func:`kfe.statistics.kfe_moments`), saving the two
@@ -693,30 +723,25 @@ class KFEOptimizer(torch.optim.Optimizer):
         loss terms on the weights, the true Fisher's sampled labels, ``l2`` decay. So
         it is checked, not assumed: along a fixed pseudo-random direction ``r``,
         ``grad r`` must equal ``sum_p g_p^T (x_p r)`` to ``1e-5`` relative (three
-        matrix-vector products); otherwise ``grad`` itself is rotated, as always.
+        matrix-vector products, on the captures before any ``matmul_dtype`` rounding);
+        otherwise ``grad`` itself is rotated, as always.
         """
         cfg = self.config
-        if not jobs or self.communicator.active or cfg.fisher != "empirical":
-            return [False] * len(jobs)
-        out = [False] * len(jobs)
-        candidates: list[int] = []
-        checks: list[Tensor] = []
-        for k, job in enumerate(jobs):
-            if job.group["weight_decay"] and cfg.weight_decay_style == "l2":
-                continue
-            grad = job.grad
-            probe = self._probes.get(grad.shape[1])
-            if probe is None or probe.device != grad.device or probe.dtype != grad.dtype:
-                g = torch.Generator().manual_seed(grad.shape[1])
-                probe = torch.randn(grad.shape[1], generator=g, dtype=torch.float64)
-                probe = self._probes[grad.shape[1]] = probe.to(grad.device, grad.dtype)
-            candidates.append(k)
-            checks.append(captures_sum_to(grad, job.pairs, probe))
-        if checks:
-            for k, ok in zip(candidates, torch.stack(checks).tolist(), strict=True):
-                out[k] = ok
-                self.gradients_from_captures += ok
-        return out
+        if self.communicator.active or cfg.fisher != "empirical":
+            return None
+        if job.group["weight_decay"] and cfg.weight_decay_style == "l2":
+            return None
+        grad = job.grad
+        probe = self._probes.get(grad.shape[1])
+        if probe is None or probe.device != grad.device or probe.dtype != grad.dtype:
+            g = torch.Generator().manual_seed(grad.shape[1])
+            probe = torch.randn(grad.shape[1], generator=g, dtype=torch.float64)
+            probe = self._probes[grad.shape[1]] = probe.to(grad.device, grad.dtype)
+        return captures_sum_to(grad, job.pairs, probe)
+
+    def _lowered(self, tensor: Tensor) -> Tensor:
+        """``tensor`` in the ``matmul_dtype`` (itself when none is set)."""
+        return tensor if self._matmul_dtype is None else tensor.to(self._matmul_dtype)
 
     # phase 5, 6: rule and update
 
@@ -760,7 +785,7 @@ class KFEOptimizer(torch.optim.Optimizer):
         if policy == "reset":
             rule_state = self.rule.reset(rule_state, like, ctx)
         elif policy == "rotate" and self.rule.rotatable:
-            old = job.old_fast or job.basis.padded()
+            old = job.old_fast or job.basis.padded(self._matmul_dtype)
             fields = [f for f in self.rule.rotatable if getattr(rule_state, f) is not None]
             with phase("kfe/rotate"):
                 rotate = old.rotator_to(cast(Eigenbasis, self._fast(job)), len(fields))

@@ -15,6 +15,7 @@ import functools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import torch
@@ -168,10 +169,18 @@ CASES: dict[str, Callable[[], Case]] = {
 ONE_STEP = {"factor_every": 1, "basis_every": 1, "lambda_every": 1}
 
 
-def one_step(case: Case, rule: str | dict, damping: float) -> tuple[kfe.KFEOptimizer, Tensor]:
+def one_step(
+    case: Case, rule: str | dict, damping: float, **settings: Any
+) -> tuple[kfe.KFEOptimizer, Tensor]:
     """One step with ``lr=1``: the optimizer and ``D = W_aug(before) - W_aug(after)``."""
     opt = kfe.KFEOptimizer(
-        case.model, registry=REGISTRY, rule=rule, lr=1.0, damping=damping, **ONE_STEP
+        case.model,
+        registry=REGISTRY,
+        rule=rule,
+        lr=1.0,
+        damping=damping,
+        **ONE_STEP,
+        **settings,
     )
     before = brute.layer_matrix(case.layer)
     case.loss().backward()
