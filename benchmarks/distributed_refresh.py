@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> None:
 
         result = run_rank(args)
         args.worker.write_text(json.dumps(result))
-        shutdown()  # leave the process group before the interpreter's teardown
+        shutdown(barrier=True)  # every rank succeeded: leave the group together
         return
     sizes = [int(w) for w in args.world_sizes.split(",")]
     load_before = os.getloadavg()

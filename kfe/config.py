@@ -85,14 +85,15 @@ class KFEConfigBase(BaseModel):
     eigh_dtype: Literal["float32", "float64"] | None = None
     """Dtype of the first ``eigh`` try (default: the factor's); float64 is the retry."""
     matmul_dtype: Literal["bfloat16", "float16"] | None = None
-    """Dtype of the step's large matmuls: the factors' Gram matrices, Lambda and the
-    projected gradient from the captures, the rotations into and out of the KFE, and
-    the rotation of moments at a refresh. Their inputs are rounded to it (``bfloat16``:
-    8 significant bits, relative rounding ``2^-9``) and their results cast back; the
-    factor EMAs, eigendecompositions, rule state and the parameter update stay in the
-    parameters' dtype. ``None``: the parameters' dtype (exact; the torch.optim limits
-    hold only then). On CPUs with AVX512-BF16 and on tensor-core GPUs ``bfloat16``
-    matmuls run several times faster (docs/precision.md)."""
+    """Dtype of the step's large matmuls outside the factors: Lambda and the projected
+    gradient from the captures, the rotations into and out of the KFE, and the rotation
+    of moments at a refresh. Their inputs are rounded to it (``bfloat16``: 8
+    significant bits, relative rounding ``2^-9``) and their results cast back. The
+    factors' Gram matrices, their EMAs, the eigendecompositions, rule state and the
+    parameter update stay in the parameters' dtype (factors rounded to bfloat16 lose
+    their small eigendirections and training suffers, docs/precision.md). ``None``: the
+    parameters' dtype (exact; the torch.optim limits hold only then). On CPUs with
+    AVX512-BF16 and on tensor-core GPUs ``bfloat16`` matmuls run several times faster."""
     lambda_chunk_mb: PositiveInt = 8
     """Memory cap (MiB) on the temporaries of Lambda with several positions per example
     (per-example projected gradients, or products of position pairs); small enough to

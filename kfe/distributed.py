@@ -115,15 +115,22 @@ def init_from_env(
     return rank, size
 
 
-def shutdown() -> None:
+def shutdown(barrier: bool = False) -> None:
     """Destroy the default process group and every group made from it (the optimizer's
     own, with ``comm_timeout_s``), if one is initialised; otherwise do nothing.
 
     Call it when a distributed run ends: a process that exits with live groups leaves
     their worker threads to the interpreter's teardown, which can abort it ("terminate
-    called without an active exception") after all its work succeeded.
+    called without an active exception") after all its work succeeded. With
+    ``barrier``, first wait until every rank is here, so that no rank closes its
+    connections while a peer still uses them (that too can abort the peer at exit: seen
+    in about half of the 2-rank benchmark's quick runs on one machine without it). Only
+    on a path every rank reaches: after an error on one rank the barrier would wait for
+    the process group's timeout.
     """
     if dist.is_available() and dist.is_initialized():
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()
 
 

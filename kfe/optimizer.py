@@ -111,9 +111,6 @@ class _Job:
     """A fresh ``E_i[(U_B^T G_i U_A)^2]`` (averaged over ranks), if this step made one."""
     projected: Tensor | None = None
     """``U_B^T grad U_A`` formed from the captures, if they are known to sum to ``grad``."""
-    sums_to: Tensor | None = None
-    """Whether ``grad`` is the captures' sum (0-dim bool, no host sync yet), if checked:
-    :meth:`KFEOptimizer._capture_check`."""
 
     @property
     def current(self) -> Eigenbasis:
@@ -218,7 +215,7 @@ class KFEOptimizer(torch.optim.Optimizer):
         self._padded: dict[LayerBlock, Eigenbasis] = {}
         """Zero-padded copies of each block's basis for fast matmuls; rebuilt at refresh."""
         self._probes: dict[int, Tensor] = {}
-        """Probe vectors of :meth:`_capture_check`, by width."""
+        """Probe vectors of :meth:`_gradients_in_captures`, by width."""
         self._block_index = {b: i for i, b in enumerate(self.blocks)}
         self._owner_plan: tuple[int, list[int]] | None = None
         self._comm: Communicator | None = None
@@ -470,13 +467,7 @@ class KFEOptimizer(torch.optim.Optimizer):
                 for x, g in captured
             ]
         scales = [self.capture.example_scale(g) for _, g in pairs]
-        job = _Job(block, group, st, grad, pairs, scales, Eigenbasis(**st[K.BASIS]))
-        if pairs and self._wants_squares:
-            job.sums_to = self._capture_check(job)
-        lowered = self._matmul_dtype
-        if lowered is not None and lowered != grad.dtype:  # after the check, which is exact
-            job.pairs = [(x.to(lowered), g.to(lowered)) for x, g in pairs]
-        return job
+        return _Job(block, group, st, grad, pairs, scales, Eigenbasis(**st[K.BASIS]))
 
     def _warn_uncaptured(self, block: LayerBlock, saw_input: bool) -> None:
         """Warn (once per layer) that a layer whose weight has a gradient captured nothing
@@ -506,10 +497,7 @@ class KFEOptimizer(torch.optim.Optimizer):
         data (captures; Shampoo's come from the already averaged gradient), then the EMAs.
         """
         with phase("kfe/factors"):
-            found = [
-                self.source.batch_factors(self._lowered(job.grad), _per_example(job))
-                for job in jobs
-            ]
+            found = [self.source.batch_factors(job.grad, _per_example(job)) for job in jobs]
         comm = self.communicator
         if comm.active and self.source.needs_capture:
             found = self._average(
@@ -521,8 +509,7 @@ class KFEOptimizer(torch.optim.Optimizer):
         with phase("kfe/factors"):
             for job, factors in zip(jobs, found, strict=True):
                 if factors is not None:
-                    A, B = (f.to(job.grad.dtype) for f in factors)  # from matmul_dtype
-                    self._fold_factors(job.block, job.st, A, B)
+                    self._fold_factors(job.block, job.st, factors[0], factors[1])
 
     def _fold_factors(self, block: LayerBlock, st: dict[str, Any], A: Tensor, B: Tensor) -> None:
         """:func:`kfe.refresh.fold_factors`, warning once per layer where the batch factors
@@ -674,7 +661,7 @@ class KFEOptimizer(torch.optim.Optimizer):
             if job.pairs:
                 with phase("kfe/lambda"):
                     moments = kfe_moments(
-                        job.pairs,
+                        self._lowered(job.pairs),
                         fast.U_B if fast else None,
                         fast.U_A if fast else None,
                         d_in=job.grad.shape[1],
@@ -698,22 +685,18 @@ class KFEOptimizer(torch.optim.Optimizer):
                 squares = None
             job.squares = squares
 
-    def _gradients_in_captures(self, jobs: list[_Job]) -> list[bool]:
-        """Per job, whether its ``grad`` is the sum of its captures
-        (:meth:`_capture_check`, made when the job started); one host sync for all."""
-        out = [False] * len(jobs)
-        checked = [k for k, job in enumerate(jobs) if job.sums_to is not None]
-        if checked:
-            flags = torch.stack([cast(Tensor, jobs[k].sums_to) for k in checked]).tolist()
-            for k, ok in zip(checked, flags, strict=True):
-                out[k] = ok
-                self.gradients_from_captures += ok
-        return out
+    def _lowered(self, pairs: list[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]]:
+        """The captured pairs in ``matmul_dtype`` for Lambda (themselves when none is set;
+        the factors and the capture check read the pairs as captured)."""
+        dtype = self._matmul_dtype
+        if dtype is None:
+            return pairs
+        return [(x.to(dtype), g.to(dtype)) for x, g in pairs]
 
-    def _capture_check(self, job: _Job) -> Tensor | None:
-        """Whether ``grad = sum_p g_p^T x_p`` over the job's captured pairs (``g`` as the
-        capture stores it, the gradient of the loss as computed), as a 0-dim bool tensor
-        (no host sync), or ``None`` where it cannot hold.
+    def _gradients_in_captures(self, jobs: list[_Job]) -> list[bool]:
+        """Per job, whether ``grad = sum_p g_p^T x_p`` over its captured pairs (``g`` as the
+        capture stores it, the gradient of the loss as computed); one host sync for all
+        jobs.
 
         Then the Lambda phase can hand the rule ``U_B^T grad U_A`` from the rotated
         captures it forms anyway (:func:`kfe.statistics.kfe_moments`), saving the two
@@ -723,25 +706,31 @@ class KFEOptimizer(torch.optim.Optimizer):
         loss terms on the weights, the true Fisher's sampled labels, ``l2`` decay. So
         it is checked, not assumed: along a fixed pseudo-random direction ``r``,
         ``grad r`` must equal ``sum_p g_p^T (x_p r)`` to ``1e-5`` relative (three
-        matrix-vector products, on the captures before any ``matmul_dtype`` rounding);
-        otherwise ``grad`` itself is rotated, as always.
+        matrix-vector products, on the captures as captured: before any ``matmul_dtype``
+        rounding); otherwise ``grad`` itself is rotated, as always.
         """
         cfg = self.config
-        if self.communicator.active or cfg.fisher != "empirical":
-            return None
-        if job.group["weight_decay"] and cfg.weight_decay_style == "l2":
-            return None
-        grad = job.grad
-        probe = self._probes.get(grad.shape[1])
-        if probe is None or probe.device != grad.device or probe.dtype != grad.dtype:
-            g = torch.Generator().manual_seed(grad.shape[1])
-            probe = torch.randn(grad.shape[1], generator=g, dtype=torch.float64)
-            probe = self._probes[grad.shape[1]] = probe.to(grad.device, grad.dtype)
-        return captures_sum_to(grad, job.pairs, probe)
-
-    def _lowered(self, tensor: Tensor) -> Tensor:
-        """``tensor`` in the ``matmul_dtype`` (itself when none is set)."""
-        return tensor if self._matmul_dtype is None else tensor.to(self._matmul_dtype)
+        if not jobs or self.communicator.active or cfg.fisher != "empirical":
+            return [False] * len(jobs)
+        out = [False] * len(jobs)
+        candidates: list[int] = []
+        checks: list[Tensor] = []
+        for k, job in enumerate(jobs):
+            if job.group["weight_decay"] and cfg.weight_decay_style == "l2":
+                continue
+            grad = job.grad
+            probe = self._probes.get(grad.shape[1])
+            if probe is None or probe.device != grad.device or probe.dtype != grad.dtype:
+                g = torch.Generator().manual_seed(grad.shape[1])
+                probe = torch.randn(grad.shape[1], generator=g, dtype=torch.float64)
+                probe = self._probes[grad.shape[1]] = probe.to(grad.device, grad.dtype)
+            candidates.append(k)
+            checks.append(captures_sum_to(grad, job.pairs, probe))
+        if checks:
+            for k, ok in zip(candidates, torch.stack(checks).tolist(), strict=True):
+                out[k] = ok
+                self.gradients_from_captures += ok
+        return out
 
     # phase 5, 6: rule and update
 

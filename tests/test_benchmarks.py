@@ -14,7 +14,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("suite", [[], ["--suite", "grid"]], ids=["default", "grid"])
+@pytest.mark.parametrize(
+    "suite",
+    [[], ["--suite", "grid"], ["--suite", "grid", "--matmul-dtype", "bfloat16"]],
+    ids=["default", "grid", "grid-bfloat16"],
+)
 def test_step_time_quick(tmp_path: Path, suite: list[str]) -> None:
     out = tmp_path / "result.json"
     result = subprocess.run(
@@ -36,6 +40,7 @@ def test_step_time_quick(tmp_path: Path, suite: list[str]) -> None:
     data = json.loads(out.read_text())
     text = json.dumps(data)
     assert "adam" in text
+    assert ('"matmul_dtype": "bfloat16"' in text) == ("bfloat16" in suite)
     numbers = [v for v in _walk(data) if isinstance(v, float)]
     assert numbers and all(math.isfinite(v) or math.isnan(v) for v in numbers)
 
