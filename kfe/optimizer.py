@@ -747,7 +747,14 @@ class KFEOptimizer(torch.optim.Optimizer):
         if job.refreshed is not None:
             rule_state = self._change_basis(rule_state, job, grad, ctx)
         with phase("kfe/rule"):
-            shortcut = self.rule.precondition(grad, rule_state, ctx)
+            # the shortcut multiplies by the rule's own operators (e.g. factor inverses),
+            # which matmul_dtype does not round: with it, the KFE path, whose large
+            # matmuls are rotations by orthonormal eigenvectors (docs/precision.md)
+            shortcut = (
+                None
+                if self._matmul_dtype is not None
+                else self.rule.precondition(grad, rule_state, ctx)
+            )
         if shortcut is not None:
             direction, rule_state = shortcut
         else:

@@ -81,7 +81,12 @@ class _Matmuls(TorchDispatchMode):
 
 @pytest.mark.parametrize(
     ("rule", "basis"),
-    [({"name": "ekfac", "estimator": "batch"}, "kfac"), ("adam", "shampoo"), ("kfac", "kfac")],
+    [
+        ({"name": "ekfac", "estimator": "batch"}, "kfac"),
+        ("adam", "shampoo"),
+        ("kfac", "kfac"),
+        ({"name": "kfac", "damping_mode": "split"}, "kfac"),
+    ],
 )
 @pytest.mark.parametrize("matmul_dtype", ["bfloat16", None])
 def test_every_matmul_of_a_step_runs_in_the_matmul_dtype(
@@ -181,3 +186,21 @@ def test_matmul_dtype_is_validated() -> None:
     with pytest.raises(ValidationError, match="matmul_dtype") as err:
         kfe.KFEOptimizer(nn.Linear(3, 2), registry=REGISTRY, matmul_dtype="float8")
     assert "bfloat16" in str(err.value) and "float16" in str(err.value)
+
+
+@pytest.mark.parametrize("case_name", ["linear_bias", "conv_stride2"])
+def test_bfloat16_kfac_split_is_the_dense_solve_to_its_rounding(case_name: str) -> None:
+    """With ``matmul_dtype`` the split-damped K-FAC update takes the KFE path (rotations
+    by the eigenvectors, lowered) instead of the cached inverses (not lowered); it is
+    still ``((A + d_A I) (x) (B + d_B I))^{-1} grad`` to bfloat16's rounding."""
+    ref = dense_of(case_name)
+    case = CASES[case_name]()
+    rule = {"name": "kfac", "damping_mode": "split", "pi_correction": False}
+    damping = 2e-2
+    _, D = one_step(case, rule, damping, matmul_dtype="bfloat16")
+    root = damping**0.5
+    eye_A, eye_B = torch.eye(ref.A.shape[0], dtype=ref.A.dtype), torch.eye(ref.B.shape[0])
+    dense = torch.kron(ref.B + root * eye_B.to(ref.B.dtype), ref.A + root * eye_A)
+    expected = torch.linalg.solve(dense, ref.grad)
+    assert_close(D.reshape(-1), expected, rel=BF16_REL)
+    assert (D.reshape(-1) - expected).abs().max() > 1e-6 * expected.abs().max()
