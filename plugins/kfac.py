@@ -10,7 +10,8 @@ Damping modes:
   ``lambda_B = sqrt(lambda) / pi`` (``pi = 1`` with ``pi_correction=False``).
   The diagonal is an outer product, so the update is applied in parameter space as
   ``(B + lambda_B I)^{-1} G (A + lambda_A I)^{-1}``: two matmuls by inverses cached
-  at each refresh (recomputed if the damping changes) instead of four rotations.
+  at the first step of each basis (recomputed if the damping changes) instead of four
+  rotations.
 
 Basis change: no KFE-coordinate state (``reset``; the inverse cache is rebuilt).
 """
@@ -83,8 +84,12 @@ class KFAC(Rule[KFACConfig]):
         return grad / torch.outer(b + d_b, a + d_a), state
 
     def on_refresh(self, state: Any, ctx: RuleContext) -> Any:
-        if self.config.damping_mode != "split":
-            return state
+        """Drop the inverse cache of the old basis: :meth:`precondition` rebuilds it on
+        first use (never, where the core takes the KFE path under ``matmul_dtype``)."""
+        return KFACState() if self.config.damping_mode == "split" else state
+
+    def _inverses(self, ctx: RuleContext) -> KFACState:
+        """``(B + lambda_B I)^{-1}``, ``(A + lambda_A I)^{-1}`` from the current basis."""
         assert ctx.basis is not None and ctx.eigenvalues is not None
         (U_B, U_A), (b, a) = ctx.basis, ctx.eigenvalues
         d_b, d_a = self.split_damping(ctx)
@@ -96,7 +101,7 @@ class KFAC(Rule[KFACConfig]):
         if self.config.damping_mode != "split":
             return None
         if state.inv_B is None or state.damping != ctx.damping:
-            state = self.on_refresh(state, ctx)
+            state = self._inverses(ctx)
         return chain(state.inv_B, grad, state.inv_A), state
 
     def diagonal(self, state: Any, ctx: RuleContext) -> Tensor | None:
