@@ -56,6 +56,11 @@ def main() -> None:
         choices=("bfloat16", "float16"),
         help="kfe's matmul_dtype (default: the parameters' float32; docs/precision.md)",
     )
+    p.add_argument(
+        "--fp32-matmul-precision",
+        choices=("ieee", "bf16", "tf32"),
+        help="kfe's fp32_matmul_precision (default: the process's; docs/precision.md)",
+    )
     p.add_argument("--quick", action="store_true", help="smoke run: tiny model, few steps")
     p.add_argument("--json", type=Path, metavar="PATH")
     args = p.parse_args()
@@ -72,7 +77,10 @@ def main() -> None:
     data = [
         (torch.randn(args.batch, 3, 32, 32), torch.randint(0, 10, (args.batch,))) for _ in range(2)
     ]
-    extra: dict[str, object] = {"matmul_dtype": args.matmul_dtype}
+    extra: dict[str, object] = {
+        "matmul_dtype": args.matmul_dtype,
+        "fp32_matmul_precision": args.fp32_matmul_precision,
+    }
     if args.lambda_chunk_mb is not None:
         extra["lambda_chunk_mb"] = args.lambda_chunk_mb
     runs: dict[str, tuple[nn.Module, torch.optim.Optimizer]] = {}

@@ -192,6 +192,7 @@ def default_specs(args: argparse.Namespace) -> list[Spec]:
     kfe_common = {
         "eigensolver": args.eigensolver,
         "matmul_dtype": args.matmul_dtype,
+        "fp32_matmul_precision": args.fp32_matmul_precision,
         "lr": args.kfe_lr,
         "damping": args.damping,
         "momentum": args.momentum,
@@ -314,6 +315,7 @@ def grid_specs(args: argparse.Namespace, extras: dict[str, dict[str, Any]]) -> l
             "factor_decay": args.factor_decay,
             "eigensolver": args.eigensolver,
             "matmul_dtype": args.matmul_dtype,
+            "fp32_matmul_precision": args.fp32_matmul_precision,
         }
         name = f"{rule}-{basis}"
         label = "KFE " + ", ".join(f"{k}={v}" for k, v in settings.items())
@@ -995,6 +997,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=("bfloat16", "float16"),
         default=None,
         help="KFE matmul_dtype (default: none, the parameters' float32; docs/precision.md)",
+    )
+    p.add_argument(
+        "--fp32-matmul-precision",
+        choices=("ieee", "bf16", "tf32"),
+        default=None,
+        help="KFE fp32_matmul_precision: the backend precision of the float32 matmuls "
+        "matmul_dtype would lower (default: none, the process's; docs/precision.md)",
     )
     p.add_argument("--batches", type=int, default=4, help="distinct synthetic batches cycled")
     p.add_argument("--seed", type=int, default=0)

@@ -44,6 +44,7 @@ from kfe.checks import all_finite, checked_params, checked_scale, finite_each
 from kfe.config import KFEConfigBase, config_model, load_config
 from kfe.distributed import Communicator, assign_owners, world
 from kfe.eigh import Solved
+from kfe.precision import fp32_matmul_precision, lowers
 from kfe.profiling import phase
 from kfe.refresh import fold_factors, solve_factor
 from kfe.registry import Registry, default_registry
@@ -212,6 +213,10 @@ class KFEOptimizer(torch.optim.Optimizer):
         self._matmul_dtype: torch.dtype | None = (
             getattr(torch, self.config.matmul_dtype) if self.config.matmul_dtype else None
         )
+        self._precision = self.config.fp32_matmul_precision
+        self._lowered_matmuls = self._matmul_dtype is not None or lowers(self._precision)
+        """Lambda and the rotations run below the parameters' precision: the core then
+        skips rule shortcuts (their operators are not safe to round)."""
         self._padded: dict[LayerBlock, Eigenbasis] = {}
         """Zero-padded copies of each block's basis for fast matmuls; rebuilt at refresh."""
         self._probes: dict[int, Tensor] = {}
@@ -659,7 +664,7 @@ class KFEOptimizer(torch.optim.Optimizer):
             fast = self._fast(job)
             squares = None
             if job.pairs:
-                with phase("kfe/lambda"):
+                with phase("kfe/lambda"), fp32_matmul_precision(self._precision):
                     moments = kfe_moments(
                         self._lowered(job.pairs),
                         fast.U_B if fast else None,
@@ -746,26 +751,25 @@ class KFEOptimizer(torch.optim.Optimizer):
         ctx = self._context(group, job.current, job.squares, st.get(K.BASIS_PRIOR))
         if job.refreshed is not None:
             rule_state = self._change_basis(rule_state, job, grad, ctx)
-        with phase("kfe/rule"):
+        with phase("kfe/rule"), fp32_matmul_precision(self._precision):
             # the shortcut multiplies by the rule's own operators (e.g. factor inverses),
-            # which matmul_dtype does not round: with it, the KFE path, whose large
+            # which are not rounded: with lowered matmuls, the KFE path, whose large
             # matmuls are rotations by orthonormal eigenvectors (docs/precision.md)
             shortcut = (
-                None
-                if self._matmul_dtype is not None
-                else self.rule.precondition(grad, rule_state, ctx)
+                None if self._lowered_matmuls else self.rule.precondition(grad, rule_state, ctx)
             )
         if shortcut is not None:
             direction, rule_state = shortcut
         else:
-            with phase("kfe/project"):
-                projected = job.projected
-                if projected is None:
-                    projected = fast.project(grad) if fast else grad
-            with phase("kfe/rule"):
-                projected, rule_state = self.rule.update(projected, rule_state, ctx)
-            with phase("kfe/unproject"):
-                direction = fast.unproject(projected) if fast else projected
+            with fp32_matmul_precision(self._precision):
+                with phase("kfe/project"):
+                    projected = job.projected
+                    if projected is None:
+                        projected = fast.project(grad) if fast else grad
+                with phase("kfe/rule"):
+                    projected, rule_state = self.rule.update(projected, rule_state, ctx)
+                with phase("kfe/unproject"):
+                    direction = fast.unproject(projected) if fast else projected
         st[K.RULE] = self.rule.state_to_dict(rule_state)
         return Update(st, group, direction, block.params, block.split, grad)
 
@@ -783,7 +787,7 @@ class KFEOptimizer(torch.optim.Optimizer):
         elif policy == "rotate" and self.rule.rotatable:
             old = job.old_fast or job.basis.padded(self._matmul_dtype)
             fields = [f for f in self.rule.rotatable if getattr(rule_state, f) is not None]
-            with phase("kfe/rotate"):
+            with phase("kfe/rotate"), fp32_matmul_precision(self._precision):
                 rotate = old.rotator_to(cast(Eigenbasis, self._fast(job)), len(fields))
                 # contiguous, as a resumed run holds them (loaded tensors are dense): a
                 # strided view would reach BLAS with another leading dimension, and the

@@ -16,8 +16,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize(
     "suite",
-    [[], ["--suite", "grid"], ["--suite", "grid", "--matmul-dtype", "bfloat16"]],
-    ids=["default", "grid", "grid-bfloat16"],
+    [
+        [],
+        ["--suite", "grid"],
+        ["--suite", "grid", "--matmul-dtype", "bfloat16"],
+        ["--suite", "grid", "--only", "ekfac-kfac", "--fp32-matmul-precision", "bf16"],
+    ],
+    ids=["default", "grid", "grid-bfloat16", "grid-fp32-bf16"],
 )
 def test_step_time_quick(tmp_path: Path, suite: list[str]) -> None:
     out = tmp_path / "result.json"
@@ -41,6 +46,8 @@ def test_step_time_quick(tmp_path: Path, suite: list[str]) -> None:
     text = json.dumps(data)
     assert "adam" in text
     assert ('"matmul_dtype": "bfloat16"' in text) == ("bfloat16" in suite)
+    if "bf16" in suite:  # the KFE entry was built with it
+        assert data["optimizers"]["ekfac-kfac"]["settings"]["fp32_matmul_precision"] == "bf16"
     numbers = [v for v in _walk(data) if isinstance(v, float)]
     assert numbers and all(math.isfinite(v) or math.isnan(v) for v in numbers)
 
@@ -95,3 +102,11 @@ def test_memory_quick(tmp_path: Path) -> None:
     adam, params = data["adam"]["state_bytes"], data["adam"]["param_bytes"]
     assert 2 * params <= adam <= 2 * params + 4 * 16  # exp_avg, exp_avg_sq, 16 step counters
     assert set(data["ekfac-batch"]["step_peak_bytes"]) == {"plain", "factor", "refresh"}
+
+
+def test_precision_quick(tmp_path: Path) -> None:
+    data = quick_json(tmp_path, "precision.py")
+    errors = {row["setting"]: row["rel_error"] for row in data["ekfac_step"]}
+    assert set(errors) == {"float32 (ieee)", "fp32_matmul_precision=bf16", "matmul_dtype=bfloat16"}
+    # float32 against float64 on a small model: a few ulps, bfloat16 a few 2^-9
+    assert errors["float32 (ieee)"] < 1e-4 and 1e-5 < errors["matmul_dtype=bfloat16"] < 0.1

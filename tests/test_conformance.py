@@ -16,3 +16,11 @@ class TestBuiltinsLowPrecision(RuleConformance):
 
     plugins = BUILTIN_PLUGINS
     settings: ClassVar[dict[str, Any]] = {"matmul_dtype": "bfloat16"}
+
+
+class TestBuiltinsFp32Bf16(RuleConformance):
+    """The same checks with the lowerable float32 matmuls under oneDNN's ``bf16``
+    precision (``fp32_matmul_precision``): bit-for-bit resume included."""
+
+    plugins = BUILTIN_PLUGINS
+    settings: ClassVar[dict[str, Any]] = {"fp32_matmul_precision": "bf16"}

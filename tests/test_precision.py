@@ -12,6 +12,7 @@ captures stays exact.
 from __future__ import annotations
 
 import collections
+import copy
 from typing import Any
 
 import pytest
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import kfe
+from kfe.state_keys import BASIS, FACTOR_A, FACTOR_B
 from tests.test_brute_force import (  # _one_thread: the same autouse fixture here
     CASES,
     REGISTRY,
@@ -79,6 +81,21 @@ class _Matmuls(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def _cadenced(model: nn.Module, rule: Any, basis: str, **settings: Any) -> kfe.KFEOptimizer:
+    """Factors every 2 steps, a refresh every 4, Lambda every step."""
+    return kfe.KFEOptimizer(
+        model,
+        registry=REGISTRY,
+        rule=rule,
+        basis=basis,
+        lr=1e-3,
+        factor_every=2,
+        basis_every=4,
+        lambda_every=1,
+        **settings,
+    )
+
+
 @pytest.mark.parametrize(
     ("rule", "basis"),
     [
@@ -98,17 +115,7 @@ def test_every_matmul_of_a_step_runs_in_the_matmul_dtype(
     without it, in float32."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(30, 20), nn.Tanh(), nn.Linear(20, 10))
-    opt = kfe.KFEOptimizer(
-        model,
-        registry=REGISTRY,
-        rule=rule,
-        basis=basis,
-        lr=1e-3,
-        factor_every=2,
-        basis_every=4,
-        lambda_every=1,
-        matmul_dtype=matmul_dtype,
-    )
+    opt = _cadenced(model, rule, basis, matmul_dtype=matmul_dtype)
     x = torch.randn(64, 30)
     for step in range(4):
         opt.zero_grad()
@@ -204,3 +211,133 @@ def test_bfloat16_kfac_split_is_the_dense_solve_to_its_rounding(case_name: str) 
     expected = torch.linalg.solve(dense, ref.grad)
     assert_close(D.reshape(-1), expected, rel=BF16_REL)
     assert (D.reshape(-1) - expected).abs().max() > 1e-6 * expected.abs().max()
+
+
+# -- fp32_matmul_precision: the backend's float32 matmul precision, scoped -----------
+
+
+class _Precisions(TorchDispatchMode):
+    """Records the oneDNN float32 matmul precision in force at each matmul-family op
+    (``mv``: the capture check's matrix-vector products) and at each ``linalg_eigh``."""
+
+    OPS = (*_Matmuls.OPS, "mv", "_linalg_eigh")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: collections.Counter[tuple[str, str]] = collections.Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        name = func.__name__.split(".")[0]
+        if name in self.OPS:
+            self.seen[name, torch.backends.mkldnn.matmul.fp32_precision] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(
+    ("rule", "basis"),
+    [
+        ({"name": "ekfac", "estimator": "batch"}, "kfac"),
+        ("adam", "shampoo"),
+        ({"name": "kfac", "damping_mode": "split"}, "kfac"),
+    ],
+)
+def test_fp32_matmul_precision_is_set_around_the_lowered_matmuls_only(
+    rule: Any, basis: str
+) -> None:
+    """``fp32_matmul_precision="bf16"`` is in force for exactly the matmuls
+    ``matmul_dtype`` lowers: on a step with neither factors nor a refresh every matmul
+    (Lambda, the projections; ``kfac`` split's shortcut is skipped) runs under it and
+    the capture check's products do not; on a factor and refresh step the factors and
+    the basis are bit for bit those of a run without it (Gram matrices and ``eigh`` at
+    the process's setting); after every step the process's setting is back."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(30, 20), nn.Tanh(), nn.Linear(20, 10))
+    x = torch.randn(64, 30)
+    opts, seen = {}, {}
+    for precision in (None, "bf16"):
+        model = copy.deepcopy(base)
+        opt = opts[precision] = _cadenced(model, rule, basis, fp32_matmul_precision=precision)
+        for step in range(4):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            seen[precision, step] = _Precisions()
+            with seen[precision, step]:
+                opt.step()
+            assert torch.backends.mkldnn.matmul.fp32_precision == "none"
+            assert torch.backends.cuda.matmul.fp32_precision == "none"
+            if step == 0:  # factors, refresh and Lambda from the same captures
+                first = opt.state[model[0].weight]
+                if precision is None:
+                    factors = {k: first[k].clone() for k in (FACTOR_A, FACTOR_B)}
+                    eigen = {k: v.clone() for k, v in first[BASIS].items()}
+                else:
+                    for k, v in factors.items():
+                        assert torch.equal(first[k], v), k
+                    for k, v in eigen.items():
+                        assert torch.equal(first[BASIS][k], v), k
+    lowered = seen["bf16", 3]
+    matmuls = {op: p for op, p in lowered.seen if op in _Matmuls.OPS}
+    assert matmuls and set(matmuls.values()) == {"bf16"}, dict(lowered.seen)
+    assert {p for op, p in lowered.seen if op == "mv"} <= {"none"}, dict(lowered.seen)
+    refresh = seen["bf16", 0].seen
+    assert refresh["_linalg_eigh", "bf16"] == 0 and refresh["_linalg_eigh", "none"] > 0
+    assert any(p == "none" for op, p in refresh if op in _Matmuls.OPS), dict(refresh)
+    assert {p for _, p in seen[None, 3].seen} == {"none"}
+    # the shortcut is skipped under lowered matmuls, and used without them
+    if rule == {"name": "kfac", "damping_mode": "split"}:
+        assert _shortcut_state(opts[None], base) and not _shortcut_state(opts["bf16"], base)
+
+
+def _shortcut_state(opt: kfe.KFEOptimizer, base: nn.Module) -> bool:
+    """Whether ``kfac`` split's inverse cache was built (its shortcut ran)."""
+    (first,) = [p for p in opt.param_groups[0]["params"] if p.shape == base[0].weight.shape]
+    return any(isinstance(v, Tensor) for v in opt.state[first][kfe.state_keys.RULE].values())
+
+
+def test_fp32_matmul_precision_restores_what_it_found() -> None:
+    """Nested, with a non-default outer value, and through an exception."""
+    from kfe.precision import fp32_matmul_precision
+
+    mkldnn, cuda = torch.backends.mkldnn.matmul, torch.backends.cuda.matmul
+    try:
+        mkldnn.fp32_precision = cuda.fp32_precision = "tf32"
+        with pytest.raises(RuntimeError, match="inside"), fp32_matmul_precision("bf16"):
+            assert (mkldnn.fp32_precision, cuda.fp32_precision) == ("bf16", "tf32")
+            with fp32_matmul_precision("ieee"):
+                assert (mkldnn.fp32_precision, cuda.fp32_precision) == ("ieee", "ieee")
+            assert (mkldnn.fp32_precision, cuda.fp32_precision) == ("bf16", "tf32")
+            raise RuntimeError("inside")
+        assert (mkldnn.fp32_precision, cuda.fp32_precision) == ("tf32", "tf32")
+        with fp32_matmul_precision(None):
+            assert mkldnn.fp32_precision == "tf32"
+    finally:
+        mkldnn.fp32_precision = cuda.fp32_precision = "none"
+
+
+@pytest.mark.parametrize("case_name", ["linear_bias", "conv_stride2"])
+def test_fp32_matmul_precision_matches_dense_twins(case_name: str) -> None:
+    """A float32 ``ekfac`` step with ``bf16`` float32 matmuls against the float64
+    brute-force twins, to the accuracy oneDNN promises (bfloat16 inputs); state and
+    update stay float32."""
+    ref = dense_of(case_name)
+    case = CASES[case_name]()
+    case.model.float()
+    case.X = case.X.float()
+    case.Y = case.Y.float() if case.Y.is_floating_point() else case.Y
+    damping = 2e-2
+    opt, D = one_step(
+        case, {"name": "ekfac", "estimator": "batch"}, damping, fp32_matmul_precision="bf16"
+    )
+    cur = kfe.inspect_layer(opt, case.name)
+    assert cur.diagonal is not None and cur.diagonal.dtype == D.dtype == torch.float32
+    U = torch.kron(cur.basis.U_B.double(), cur.basis.U_A.double())
+    lam = torch.diagonal(U.mT @ ref.F @ U)
+    assert_close(cur.diagonal.double().reshape(-1), lam, rel=BF16_REL)
+    expected = U @ ((U.mT @ ref.grad) / (lam + damping))
+    assert_close(D.double().reshape(-1), expected, rel=BF16_REL)
+
+
+def test_fp32_matmul_precision_is_validated() -> None:
+    with pytest.raises(ValidationError, match="fp32_matmul_precision") as err:
+        kfe.KFEOptimizer(nn.Linear(3, 2), registry=REGISTRY, fp32_matmul_precision="fp16")
+    assert all(v in str(err.value) for v in ("'ieee'", "'bf16'", "'tf32'"))
