@@ -11,6 +11,10 @@ Two measurements, printed as tables (docs/precision.md):
    steps, then a measured step at ``lr=1``), float32 with each setting against the same
    step in float64. ``eigh_dtype="float64"`` everywhere so the bases agree and what
    remains is the matmuls' rounding.
+3. **``kfac`` split's direction** ``(B + d_B I)^-1 G (A + d_A I)^-1`` on every layer
+   (factors and gradient from three synthetic batches, float64): by its shortcut (two
+   products with the inverse factors) and by the KFE path (four rotations), each with
+   bfloat16 operands, and the shortcut in float32 with and without oneDNN's ``bf16``.
 
 Usage::
 
@@ -136,11 +140,77 @@ def step_table(dims: tuple[int, ...], batch: int, damping: float) -> list[dict[s
     return rows
 
 
+def _rounded(t: Tensor) -> Tensor:
+    return t.bfloat16().double()
+
+
+def split_directions(
+    B_inv: Tensor, G: Tensor, A_inv: Tensor, U_B: Tensor, U_A: Tensor, scale: Tensor
+) -> dict[str, Tensor]:
+    """``kfac`` split's direction ``B^-1 G A^-1`` four ways: both routes with bfloat16
+    operands (products exact, as the backends accumulate wide), and the shortcut in
+    float32, plain and under oneDNN's ``bf16`` precision."""
+    r = _rounded
+    kfe_path = r(r(U_B.mT) @ r(G)) @ r(U_A) / scale
+    f32 = [t.float() for t in (B_inv, G, A_inv)]
+    with fp32_matmul_precision("bf16"):
+        onednn = (f32[0] @ f32[1] @ f32[2]).double()
+    with fp32_matmul_precision("ieee"):
+        ieee = (f32[0] @ f32[1] @ f32[2]).double()
+    return {
+        "shortcut, bfloat16 operands": r(r(B_inv) @ r(G)) @ r(A_inv),
+        "KFE path, bfloat16 operands": r(r(U_B) @ r(kfe_path)) @ r(U_A.mT),
+        "shortcut, float32 (ieee)": ieee,
+        "shortcut, float32 under oneDNN bf16": onednn,
+    }
+
+
+def split_table(dims: tuple[int, ...], batch: int, dampings: list[float]) -> list[dict[str, Any]]:
+    """Largest relative error over the auto-encoder's layers of ``kfac`` split's direction
+    (factors and gradient from three synthetic batches, float64 reference)."""
+    torch.manual_seed(0)
+    model = autoencoder(dims).double()
+    opt = kfe.KFEOptimizer(model, rule="kfac", lr=0.0, factor_every=1, basis_every=100)
+    for _ in range(3):
+        opt.zero_grad()
+        loss_fn(model, torch.rand(batch, dims[0], dtype=torch.float64)).backward()
+        opt.step()
+    rows = []
+    for damping in dampings:
+        worst: dict[str, float] = {}
+        for block in opt.blocks:
+            layer = kfe.inspect_layer(opt, block.name)
+            A, B, basis = layer.A, layer.B, layer.basis
+            assert A is not None and B is not None
+            W, bias = block.params[0], block.params[1]
+            assert W.grad is not None and bias.grad is not None
+            G = torch.cat([W.grad, bias.grad[:, None]], 1)
+            a, b = basis.a.clamp_min(0), basis.b.clamp_min(0)
+            pi = ((A.trace() / A.shape[0]) / (B.trace() / B.shape[0])).sqrt()
+            d_A, d_B = pi * damping**0.5, damping**0.5 / pi
+            A_inv = basis.U_A @ torch.diag(1 / (a + d_A)) @ basis.U_A.mT
+            B_inv = basis.U_B @ torch.diag(1 / (b + d_B)) @ basis.U_B.mT
+            exact = B_inv @ G @ A_inv
+            scale = torch.outer(b + d_B, a + d_A)
+            for name, D in split_directions(B_inv, G, A_inv, basis.U_B, basis.U_A, scale).items():
+                err = float((D - exact).norm() / exact.norm())
+                worst[name] = max(worst.get(name, 0.0), err)
+        rows.append({"damping": damping, "largest_rel_error": worst})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke run: small shapes")
     p.add_argument("--batch", type=int, default=1000)
     p.add_argument("--damping", type=float, default=1e-3, help="of the ekfac step")
+    p.add_argument(
+        "--split-dampings",
+        type=float,
+        nargs="+",
+        default=[1e-3, 1e-1, 10.0],
+        help="dampings of the kfac split comparison",
+    )
     p.add_argument("--repeats", type=int, default=10, help="timed matmuls per shape and mode")
     p.add_argument("--json", type=Path, metavar="PATH")
     args = p.parse_args(argv)
@@ -164,12 +234,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     for row in steps:
         print(f"  {row['setting']:<28} {row['rel_error']:9.2e} {row['largest_per_tensor']:9.2e}")
+    splits = split_table(dims, batch, args.split_dampings)
+    print("\nkfac split's direction: largest relative error over the layers against float64")
+    for row in splits:
+        for name, err in row["largest_rel_error"].items():
+            print(f"  damping {row['damping']:<8g} {name:<38} {err:9.2e}")
     result = {
         "dims": list(dims),
         "batch": batch,
         "damping": args.damping,
         "matmuls": matmuls,
         "ekfac_step": steps,
+        "kfac_split": splits,
     }
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

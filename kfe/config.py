@@ -98,15 +98,16 @@ class KFEConfigBase(BaseModel):
     fp32_matmul_precision: Fp32Precision | None = None
     """Backend precision of the float32 matmuls ``matmul_dtype`` would lower (Lambda and
     the projected gradient, the rotations into and out of the KFE, the moment rotation at
-    a refresh), set around them only (``torch.backends.mkldnn.matmul.fp32_precision``,
-    and ``torch.backends.cuda.matmul.fp32_precision`` for ``ieee``/``tf32``) and restored
+    a refresh) and of a rule's shortcut, set around them only
+    (``torch.backends.mkldnn.matmul.fp32_precision``, and
+    ``torch.backends.cuda.matmul.fp32_precision`` for ``ieee``/``tf32``) and restored
     after: inputs, results and every other matmul stay float32 at the process's setting.
     ``bf16`` (CPU, oneDNN): on CPUs with AVX512-BF16 2.1x faster than float32 here, and
     within 1.5x of float32's rounding error (oneDNN promises only bfloat16's accuracy,
-    docs/precision.md); ``tf32``: CUDA (and oneDNN where supported). As with
-    ``matmul_dtype``, a lowering value makes the core skip a rule's parameter-space
-    shortcut. ``ieee``: float32 there even if the process lowers matmuls; ``None``:
-    leave the process's setting."""
+    docs/precision.md); ``tf32``: CUDA (and oneDNN where supported). A rule's
+    parameter-space shortcut (``kfac`` split's inverse factors) runs under it too.
+    ``ieee``: float32 there even if the process lowers matmuls; ``None``: leave the
+    process's setting."""
     lambda_chunk_mb: PositiveInt = 8
     """Memory cap (MiB) on the temporaries of Lambda with several positions per example
     (per-example projected gradients, or products of position pairs); small enough to

@@ -44,7 +44,7 @@ from kfe.checks import all_finite, checked_params, checked_scale, finite_each
 from kfe.config import KFEConfigBase, config_model, load_config
 from kfe.distributed import Communicator, assign_owners, world
 from kfe.eigh import Solved
-from kfe.precision import fp32_matmul_precision, lowers
+from kfe.precision import fp32_matmul_precision
 from kfe.profiling import phase
 from kfe.refresh import fold_factors, solve_factor
 from kfe.registry import Registry, default_registry
@@ -214,9 +214,6 @@ class KFEOptimizer(torch.optim.Optimizer):
             getattr(torch, self.config.matmul_dtype) if self.config.matmul_dtype else None
         )
         self._precision = self.config.fp32_matmul_precision
-        self._lowered_matmuls = self._matmul_dtype is not None or lowers(self._precision)
-        """Lambda and the rotations run below the parameters' precision: the core then
-        skips rule shortcuts (their operators are not safe to round)."""
         self._padded: dict[LayerBlock, Eigenbasis] = {}
         """Zero-padded copies of each block's basis for fast matmuls; rebuilt at refresh."""
         self._probes: dict[int, Tensor] = {}
@@ -752,11 +749,13 @@ class KFEOptimizer(torch.optim.Optimizer):
         if job.refreshed is not None:
             rule_state = self._change_basis(rule_state, job, grad, ctx)
         with phase("kfe/rule"), fp32_matmul_precision(self._precision):
-            # the shortcut multiplies by the rule's own operators (e.g. factor inverses),
-            # which are not rounded: with lowered matmuls, the KFE path, whose large
-            # matmuls are rotations by orthonormal eigenvectors (docs/precision.md)
+            # the shortcut multiplies by the rule's own state (e.g. factor inverses) in the
+            # parameters' dtype, which matmul_dtype cannot reach: with it, the lowered KFE
+            # path is faster; fp32_matmul_precision lowers the shortcut's matmuls as well
             shortcut = (
-                None if self._lowered_matmuls else self.rule.precondition(grad, rule_state, ctx)
+                None
+                if self._matmul_dtype is not None
+                else self.rule.precondition(grad, rule_state, ctx)
             )
         if shortcut is not None:
             direction, rule_state = shortcut

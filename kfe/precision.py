@@ -7,12 +7,14 @@ oneDNN: ``"bf16"`` uses the bfloat16 units, ``"tf32"``) and
 settings; :func:`fp32_matmul_precision` sets them for the duration of a block and
 restores the previous values on the way out, exceptions included, so kfe's optimizer
 can lower the same matmuls ``matmul_dtype`` lowers (Lambda, the projected gradient,
-the rotations) and leave the model's forward and backward, the factors' Gram matrices
-and the capture check at the process's setting (docs/precision.md).
+the rotations) and a rule's parameter-space shortcut, and leave the model's forward
+and backward, the factors' Gram matrices and the capture check at the process's
+setting (docs/precision.md).
 
 oneDNN promises only that ``"bf16"`` is at least as accurate as bfloat16 inputs; on
-CPUs with AVX512-BF16 its float32 kernels split each operand into bfloat16 pieces and
-come within a few ulps of float32 (measured: docs/precision.md).
+this project's AVX512-BF16 CPU its float32 kernels came within 1.5x of float32's
+rounding error (measured: docs/precision.md). The settings are global, not per thread:
+while the block runs, float32 matmuls that other threads issue see them too.
 """
 
 from __future__ import annotations
@@ -55,8 +57,3 @@ def fp32_matmul_precision(value: Fp32Precision | None) -> Iterator[None]:
     finally:
         for backend, old in zip(backends, before, strict=True):
             backend.fp32_precision = old
-
-
-def lowers(value: Fp32Precision | None) -> bool:
-    """Whether ``value`` lets float32 matmuls run below float32 arithmetic."""
-    return value not in (None, "ieee")

@@ -203,9 +203,10 @@ class Rule(Generic[ConfigT]):
         A rule whose diagonal is an outer product can apply cached factor inverses with
         two matmuls instead of four. Return ``(direction, new_state)`` in parameter
         space, or ``None`` (the default) to use the KFE path. It must give the KFE
-        path's direction: with ``matmul_dtype`` or a lowering ``fp32_matmul_precision``
-        the core does not call it (its operators are the rule's own, which are not
-        rounded) and takes the KFE path.
+        path's direction. With ``matmul_dtype`` set the core does not call it: its
+        operators are the rule's own state in the parameters' dtype, which the lowered
+        dtype does not reach, and the lowered KFE path is faster. Under
+        ``fp32_matmul_precision`` it is called inside the lowered block.
         """
         return None
 

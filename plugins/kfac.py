@@ -85,7 +85,7 @@ class KFAC(Rule[KFACConfig]):
 
     def on_refresh(self, state: Any, ctx: RuleContext) -> Any:
         """Drop the inverse cache of the old basis: :meth:`precondition` rebuilds it on
-        first use (never, where the core takes the KFE path under lowered matmuls)."""
+        first use (never, where the core takes the KFE path under ``matmul_dtype``)."""
         return KFACState() if self.config.damping_mode == "split" else state
 
     def _inverses(self, ctx: RuleContext) -> KFACState:

@@ -110,3 +110,8 @@ def test_precision_quick(tmp_path: Path) -> None:
     assert set(errors) == {"float32 (ieee)", "fp32_matmul_precision=bf16", "matmul_dtype=bfloat16"}
     # float32 against float64 on a small model: a few ulps, bfloat16 a few 2^-9
     assert errors["float32 (ieee)"] < 1e-4 and 1e-5 < errors["matmul_dtype=bfloat16"] < 0.1
+    for row in data["kfac_split"]:
+        split = row["largest_rel_error"]
+        assert split["shortcut, float32 (ieee)"] < 1e-4, row
+        assert 1e-5 < split["shortcut, bfloat16 operands"] < 0.5, row
+        assert 1e-5 < split["KFE path, bfloat16 operands"] < 0.5, row

@@ -245,11 +245,12 @@ def test_fp32_matmul_precision_is_set_around_the_lowered_matmuls_only(
     rule: Any, basis: str
 ) -> None:
     """``fp32_matmul_precision="bf16"`` is in force for exactly the matmuls
-    ``matmul_dtype`` lowers: on a step with neither factors nor a refresh every matmul
-    (Lambda, the projections; ``kfac`` split's shortcut is skipped) runs under it and
-    the capture check's products do not; on a factor and refresh step the factors and
-    the basis are bit for bit those of a run without it (Gram matrices and ``eigh`` at
-    the process's setting); after every step the process's setting is back."""
+    ``matmul_dtype`` lowers and a rule's shortcut: on a step with neither factors nor a
+    refresh every matmul (Lambda, the projections, ``kfac`` split's products with its
+    inverse factors) runs under it and the capture check's products do not; on a factor
+    and refresh step the factors and the basis are bit for bit those of a run without it
+    (Gram matrices and ``eigh`` at the process's setting); after every step the
+    process's setting is back."""
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(30, 20), nn.Tanh(), nn.Linear(20, 10))
     x = torch.randn(64, 30)
@@ -283,9 +284,9 @@ def test_fp32_matmul_precision_is_set_around_the_lowered_matmuls_only(
     assert refresh["_linalg_eigh", "bf16"] == 0 and refresh["_linalg_eigh", "none"] > 0
     assert any(p == "none" for op, p in refresh if op in _Matmuls.OPS), dict(refresh)
     assert {p for _, p in seen[None, 3].seen} == {"none"}
-    # the shortcut is skipped under lowered matmuls, and used without them
+    # the shortcut runs (under the lowered setting: every matmul of step 3 above)
     if rule == {"name": "kfac", "damping_mode": "split"}:
-        assert _shortcut_state(opts[None], base) and not _shortcut_state(opts["bf16"], base)
+        assert _shortcut_state(opts[None], base) and _shortcut_state(opts["bf16"], base)
 
 
 def _shortcut_state(opt: kfe.KFEOptimizer, base: nn.Module) -> bool:
@@ -314,16 +315,40 @@ def test_fp32_matmul_precision_restores_what_it_found() -> None:
         mkldnn.fp32_precision = cuda.fp32_precision = "none"
 
 
+def _float32_case(case_name: str) -> Any:
+    """A brute-force case with its model and data in float32 (the float64 twin stays the
+    reference): ``fp32_matmul_precision`` acts on float32 matmuls only."""
+    case = CASES[case_name]()
+    case.model.float()
+    case.X = case.X.float()
+    case.Y = case.Y.float() if case.Y.is_floating_point() else case.Y
+    return case
+
+
+@pytest.mark.parametrize("case_name", ["linear_bias", "conv_stride2"])
+def test_fp32_matmul_precision_kfac_split_shortcut_is_the_dense_solve(case_name: str) -> None:
+    """The split-damped K-FAC shortcut (products with the cached inverse factors) runs
+    under ``bf16`` and is still ``((A + d_A I) (x) (B + d_B I))^{-1} grad``."""
+    ref = dense_of(case_name)
+    case = _float32_case(case_name)
+    rule = {"name": "kfac", "damping_mode": "split", "pi_correction": False}
+    damping = 2e-2
+    opt, D = one_step(case, rule, damping, fp32_matmul_precision="bf16")
+    cache = opt.state[case.layer.weight][kfe.state_keys.RULE]  # the shortcut's inverses
+    assert any(isinstance(v, Tensor) for v in cache.values())
+    root = damping**0.5
+    eye_A, eye_B = torch.eye(ref.A.shape[0], dtype=ref.A.dtype), torch.eye(ref.B.shape[0])
+    dense = torch.kron(ref.B + root * eye_B.to(ref.B.dtype), ref.A + root * eye_A)
+    assert_close(D.double().reshape(-1), torch.linalg.solve(dense, ref.grad), rel=BF16_REL)
+
+
 @pytest.mark.parametrize("case_name", ["linear_bias", "conv_stride2"])
 def test_fp32_matmul_precision_matches_dense_twins(case_name: str) -> None:
     """A float32 ``ekfac`` step with ``bf16`` float32 matmuls against the float64
     brute-force twins, to the accuracy oneDNN promises (bfloat16 inputs); state and
     update stay float32."""
     ref = dense_of(case_name)
-    case = CASES[case_name]()
-    case.model.float()
-    case.X = case.X.float()
-    case.Y = case.Y.float() if case.Y.is_floating_point() else case.Y
+    case = _float32_case(case_name)
     damping = 2e-2
     opt, D = one_step(
         case, {"name": "ekfac", "estimator": "batch"}, damping, fp32_matmul_precision="bf16"
