@@ -748,19 +748,19 @@ class KFEOptimizer(torch.optim.Optimizer):
         ctx = self._context(group, job.current, job.squares, st.get(K.BASIS_PRIOR))
         if job.refreshed is not None:
             rule_state = self._change_basis(rule_state, job, grad, ctx)
-        with phase("kfe/rule"), fp32_matmul_precision(self._precision):
-            # the shortcut multiplies by the rule's own state (e.g. factor inverses) in the
-            # parameters' dtype, which matmul_dtype cannot reach: with it, the lowered KFE
-            # path is faster; fp32_matmul_precision lowers the shortcut's matmuls as well
-            shortcut = (
-                None
-                if self._matmul_dtype is not None
-                else self.rule.precondition(grad, rule_state, ctx)
-            )
-        if shortcut is not None:
-            direction, rule_state = shortcut
-        else:
-            with fp32_matmul_precision(self._precision):
+        with fp32_matmul_precision(self._precision):
+            with phase("kfe/rule"):
+                # the shortcut multiplies by the rule's own state (e.g. factor inverses) in
+                # the parameters' dtype, which matmul_dtype cannot reach: with it, the
+                # lowered KFE path is faster (fp32_matmul_precision lowers both)
+                shortcut = (
+                    None
+                    if self._matmul_dtype is not None
+                    else self.rule.precondition(grad, rule_state, ctx)
+                )
+            if shortcut is not None:
+                direction, rule_state = shortcut
+            else:
                 with phase("kfe/project"):
                     projected = job.projected
                     if projected is None:

@@ -279,7 +279,10 @@ def test_fp32_matmul_precision_is_set_around_the_lowered_matmuls_only(
     lowered = seen["bf16", 3]
     matmuls = {op: p for op, p in lowered.seen if op in _Matmuls.OPS}
     assert matmuls and set(matmuls.values()) == {"bf16"}, dict(lowered.seen)
-    assert {p for op, p in lowered.seen if op == "mv"} <= {"none"}, dict(lowered.seen)
+    checks = {p for op, p in lowered.seen if op == "mv"}
+    assert checks <= {"none"}, dict(lowered.seen)
+    if basis == "kfac" and isinstance(rule, dict) and rule["name"] == "ekfac":
+        assert checks, "the capture check ran (ekfac reads the captures)"
     refresh = seen["bf16", 0].seen
     assert refresh["_linalg_eigh", "bf16"] == 0 and refresh["_linalg_eigh", "none"] > 0
     assert any(p == "none" for op, p in refresh if op in _Matmuls.OPS), dict(refresh)
