@@ -128,7 +128,8 @@ def shutdown(barrier: bool = False) -> None:
     on a path every rank reaches: after an error on one rank the barrier would wait for
     the process group's timeout. Even so, with torch 2.13 gloo's threads abort about one
     teardown in six on rank 0 here, after everything is done; a process whose results are
-    safely written can leave with ``os._exit(0)``, as the 2-rank benchmark's workers do.
+    safely written can leave with ``os._exit(0)``, as ``kfe train`` under torchrun and
+    the 2-rank benchmark's workers do.
     """
     if dist.is_available() and dist.is_initialized():
         if barrier:
