@@ -344,17 +344,12 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.worker is not None:
-        from kfe.distributed import shutdown
+        from kfe.distributed import exit_now, shutdown
 
         result = run_rank(args)
         args.worker.write_text(json.dumps(result))
         shutdown(barrier=True)  # every rank succeeded: leave the group together
-        # gloo's threads can still abort the interpreter's teardown ("terminate called
-        # without an active exception": 1 run in 6 here with torch 2.13, always rank 0,
-        # after its result was written); the work is done and saved: skip the teardown
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        exit_now()  # the result is written: skip the teardown gloo can abort
     sizes = [int(w) for w in args.world_sizes.split(",")]
     load_before = os.getloadavg()
     runs: dict[int, list[dict[str, Any]]] = {}

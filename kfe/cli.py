@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -110,7 +109,7 @@ def _runs(config: ExperimentConfigBase, suffix: str = "") -> Path:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from kfe.distributed import shutdown
+    from kfe.distributed import exit_now, shutdown
     from kfe.experiment.setup import build_experiment
     from kfe.experiment.train import preflight, train
 
@@ -136,13 +135,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if exp.is_main:
         print(json.dumps({"run_dir": str(out), **last}))
     if exp.world_size > 1:
-        # Every file is written and every collective has completed on this rank. Skip
-        # the interpreter's teardown: gloo's threads can abort it ("terminate called
-        # without an active exception", seen in CI even after destroy_process_group),
-        # which torchrun would report as a failed run.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        # every file is written and every collective has completed on this rank
+        exit_now()
     return 0
 
 
