@@ -45,6 +45,8 @@ def test_wheel_holds_every_source_module(wheel: Path) -> None:
     with zipfile.ZipFile(wheel) as zf:
         held = set(zf.namelist())
     assert not expected - held, f"missing from the wheel: {sorted(expected - held)}"
+    tops = {n.split("/")[0] for n in held if "/" in n and ".dist-info/" not in n}
+    assert tops == {"kfe", "kfe_plugins"}, tops  # no generic top-level ``plugins``
 
 
 def test_command_imports_from_the_wheel_alone(wheel: Path, tmp_path: Path) -> None:
