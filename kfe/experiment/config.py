@@ -203,6 +203,10 @@ class ExperimentConfigBase(BaseModel):
     precision: Literal["float32", "bfloat16"] = "float32"
     """``bfloat16``: forward passes under ``torch.autocast`` in bfloat16 (parameters,
     gradients, the loss and the optimizer state stay float32); evaluation too."""
+    compile: bool = False
+    """Train through ``torch.compile(model)`` (inductor). kfe's capture hooks are traced:
+    steps that update no statistic run one graph; statistic steps break the graph at
+    each tracked layer. Evaluation runs the eager module. See docs/optimizer.md."""
     epochs: PositiveInt = 10
     """Passes over the training set."""
     max_steps: PositiveInt | None = None

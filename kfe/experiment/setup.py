@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -75,8 +75,9 @@ def loss_function(kind: str, task: Task | None = None) -> LossFn:
 class Experiment:
     """The live pieces of a run.
 
-    ``model`` is what the training step calls (the DDP wrapper under torchrun);
-    ``module`` is the bare network (what checkpoints hold).
+    ``model`` is what the training step calls (the DDP wrapper under torchrun, compiled
+    with ``compile``); ``module`` is the bare network (what checkpoints hold, and what
+    evaluation runs).
     """
 
     config: ExperimentConfigBase
@@ -181,6 +182,8 @@ def build_experiment(
             module, device_ids=[device.index] if device.type == "cuda" else None
         )
     optimizer = build_optimizer(config, module, registry)
+    if config.compile:
+        model = cast(nn.Module, torch.compile(model))
     loss = loss_function(config.loss_kind, config.model_section.task)
     return Experiment(config, device, data, module, model, optimizer, loss, rank, world)
 
