@@ -128,7 +128,7 @@ def autoencoder(dims: tuple[int, ...]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def loss_fn(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def loss_fn(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(model(x), x)
 
 
@@ -152,6 +152,7 @@ class Entry:
     last_loss: float = math.nan
     period: int = 0  # > 0: refreshes when ``calls % period == 0`` (SOAP's own counter)
     info: dict[str, Any] = field(default_factory=dict)  # rule/basis etc. for the JSON
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None  # ``--compile``'s model
 
     @property
     def is_kfe(self) -> bool:
@@ -169,6 +170,8 @@ def build_entries(args: argparse.Namespace, base: nn.Module) -> list[Entry]:
     known = {name for name, _, _ in specs} | set(extras.get("_missing", {}))
     if wanted and not wanted <= known:
         raise SystemExit(f"--only: unknown {sorted(wanted - known)}; known: {sorted(known)}")
+    if args.compile:  # Adam's hookless copy is traced first: see docs/optimizer.md#torchcompile
+        torch._dynamo.config.skip_nnmodule_hook_guards = False
     entries = []
     for name, label, make in specs:
         if wanted is None or name in wanted:
@@ -182,6 +185,7 @@ def build_entries(args: argparse.Namespace, base: nn.Module) -> list[Entry]:
                     make(model),
                     period=extra.get("period", 0),
                     info=extra.get("info", {}),
+                    forward=torch.compile(model) if args.compile else None,
                 )
             )
     return entries
@@ -370,7 +374,7 @@ def run_steps(
 
     ``annotate`` wraps the phases in ``bench/...`` profiler ranges (profiled runs only).
     """
-    model, opt = entry.model, entry.opt
+    model, opt = entry.forward or entry.model, entry.opt
     fwd = bwd = stp = 0.0
     before = opt.steps_taken if isinstance(opt, kfe.KFEOptimizer) else 0
     loss = None
@@ -1005,6 +1009,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="KFE fp32_matmul_precision: the backend precision of the float32 matmuls "
         "matmul_dtype would lower (default: none, the process's; docs/precision.md)",
     )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="every optimizer's model runs through torch.compile (inductor; compiled in "
+        "the warm-up; docs/optimizer.md#torchcompile)",
+    )
     p.add_argument("--batches", type=int, default=4, help="distinct synthetic batches cycled")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
@@ -1098,7 +1108,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "--threads 1."
         )
     print(
-        f"model: {'-'.join(map(str, args.dims))}, tanh (code layer linear), "
+        f"model: {'-'.join(map(str, args.dims))}, tanh (code layer linear)"
+        f"{', torch.compile' if args.compile else ''}, "
         f"BCE-with-logits; batch {args.batch}; factor_every {args.factor_every}, "
         f"basis_every {args.basis_every}; window {args.window}, warm-up {args.warmup}, "
         f"repeats {args.repeats}, profile window {args.profile_window}"

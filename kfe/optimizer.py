@@ -477,8 +477,10 @@ class KFEOptimizer(torch.optim.Optimizer):
         if not saw_input:
             why = (
                 "its forward hook saw no input since the last zero_grad (zero_grad between "
-                "forward and backward, or a forward that bypasses the module and uses its "
-                "weight directly?)"
+                "forward and backward, a forward that bypasses the module and uses its "
+                "weight directly, or a torch.compile'd model traced before kfe hooked it: "
+                "set torch._dynamo.config.skip_nnmodule_hook_guards = False, see "
+                "docs/optimizer.md#torchcompile)"
             )
         else:
             why = (

@@ -21,8 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
         ["--suite", "grid"],
         ["--suite", "grid", "--matmul-dtype", "bfloat16"],
         ["--suite", "grid", "--only", "ekfac-kfac", "--fp32-matmul-precision", "bf16"],
+        ["--only", "ekfac-ema", "--compile"],
     ],
-    ids=["default", "grid", "grid-bfloat16", "grid-fp32-bf16"],
+    ids=["default", "grid", "grid-bfloat16", "grid-fp32-bf16", "compile"],
 )
 def test_step_time_quick(tmp_path: Path, suite: list[str]) -> None:
     out = tmp_path / "result.json"
@@ -42,6 +43,7 @@ def test_step_time_quick(tmp_path: Path, suite: list[str]) -> None:
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "x Adam" in result.stdout
+    assert "captured nothing" not in result.stdout + result.stderr  # compiled: hooks traced
     data = json.loads(out.read_text())
     text = json.dumps(data)
     assert "adam" in text

@@ -183,6 +183,9 @@ def build_experiment(
         )
     optimizer = build_optimizer(config, module, registry)
     if config.compile:
+        # dynamo's default reuses a graph traced without kfe's hooks for a hooked module
+        # of the same class (another run in this worker process): guard on hooks instead
+        torch._dynamo.config.skip_nnmodule_hook_guards = False
         model = cast(nn.Module, torch.compile(model))
     loss = loss_function(config.loss_kind, config.model_section.task)
     return Experiment(config, device, data, module, model, optimizer, loss, rank, world)
