@@ -47,6 +47,12 @@ class Captured:
     grads: list[Tensor | None] = field(default_factory=list)
     """Slot ``k`` holds the gradient of forward ``k`` (backward visits them in any order)."""
     outputs: list[Tensor] = field(default_factory=list)
+    recomputed: list[bool] = field(default_factory=list)
+    """Slot ``k`` was recorded inside a backward pass (reentrant checkpointing)."""
+
+    def awaits_forward_gradient(self) -> bool:
+        """A forward recorded outside backward still waits for its gradient."""
+        return any(g is None and not r for g, r in zip(self.grads, self.recomputed, strict=True))
 
     def pairs(self) -> list[tuple[Tensor, Tensor]]:
         """``(x, g)`` pairs, each ``(n, T, d)``, of the forwards whose gradient arrived."""
@@ -122,8 +128,26 @@ def sample_loss(
     return per_example.mean() if batch_mean else per_example.sum()
 
 
+def _in_backward() -> bool:
+    """Whether this thread runs inside an autograd backward pass (torch's own
+    checkpointing asks the same way)."""
+    task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return task_id is not None and task_id() != -1
+
+
 class CurvatureCapture:
-    """Hooks on the tracked modules; holds this step's captures until the step reads them."""
+    """Hooks on the tracked modules; holds this step's captures until the step reads them.
+
+    Activation checkpointing (``torch.utils.checkpoint``) runs a forward again inside
+    the backward pass. A forward inside backward is captured only when it is the one
+    that will receive the gradient: under the empirical Fisher, when no forward of the
+    module recorded outside backward still waits for its gradient (reentrant
+    checkpointing, whose first forward ran under ``no_grad`` and was not captured);
+    never under the true Fisher, whose gradients come from :meth:`sample_fisher` before
+    the backward (so reentrant checkpointing cannot give them). A non-reentrant
+    recomputation, whose original forward was captured, is skipped rather than held
+    until the step.
+    """
 
     def __init__(self, blocks: Sequence[LayerBlock], *, fisher: str, batch_averaged: bool) -> None:
         self.blocks = list(blocks)
@@ -140,12 +164,16 @@ class CurvatureCapture:
         def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
             if not self.active or not torch.is_grad_enabled() or not output.requires_grad:
                 return
+            store = self.captured[block]
+            recomputed = _in_backward()
+            if recomputed and (self.fisher != "empirical" or store.awaits_forward_gradient()):
+                return  # activation checkpointing's recomputation of a captured forward
             with phase("kfe/capture"):
-                store = self.captured[block]
                 slot = len(store.inputs)
                 assert block.adapter is not None
                 store.inputs.append(block.adapter.inputs(module, args[0].detach()))
                 store.grads.append(None)
+                store.recomputed.append(recomputed)
                 if self.fisher == "empirical":
                     # bound to this store: a gradient arriving after ``clear()`` (zero_grad
                     # between forward and backward) lands in the discarded store

@@ -475,13 +475,19 @@ class KFEOptimizer(torch.optim.Optimizer):
         """Warn (once per layer) that a layer whose weight has a gradient captured nothing
         on a statistics step: its basis and statistics then stay as they were."""
         if not saw_input:
-            why = (
-                "its forward hook saw no input since the last zero_grad (zero_grad between "
-                "forward and backward, a forward that bypasses the module and uses its "
-                "weight directly, or a torch.compile'd model traced before kfe hooked it: "
-                "set torch._dynamo.config.skip_nnmodule_hook_guards = False, see "
-                "docs/optimizer.md#torchcompile)"
-            )
+            causes = [
+                "zero_grad between forward and backward",
+                "a forward that bypasses the module and uses its weight directly",
+                "a torch.compile'd model traced before kfe hooked it: set "
+                "torch._dynamo.config.skip_nnmodule_hook_guards = False, see "
+                "docs/optimizer.md#torchcompile",
+            ]
+            if self.config.fisher == "true":
+                causes.append(
+                    "reentrant activation checkpointing, whose forward the true Fisher "
+                    "cannot see (use_reentrant=False works)"
+                )
+            why = f"its forward hook saw no input since the last zero_grad ({'; '.join(causes)})"
         else:
             why = (
                 "no output gradient arrived (with fisher='true', call "
