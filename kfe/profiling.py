@@ -114,8 +114,20 @@ def phase(name: str) -> contextlib.AbstractContextManager[Any]:
     ``RecordFunction`` observer registered outside torch's profiler API would not see
     these ranges. The optimizer, the capture hooks and the collectives use it for
     every ``kfe/*`` range.
+
+    Inside a ``torch.compile`` trace (the capture hooks of a compiled model) it is
+    always the no-op: a range there would make dynamo recompile the model whenever a
+    profiler starts or stops, inside the profiled window.
     """
+    if _is_compiling():
+        return _IDLE
     return record_function(name) if torch.autograd._profiler_enabled() else _IDLE
+
+
+def _is_compiling() -> bool:
+    """``torch.compiler.is_compiling()`` (torch >= 2.3; earlier: never)."""
+    check = getattr(torch.compiler, "is_compiling", None)
+    return check is not None and bool(check())
 
 
 OPTIMIZER_OTHER = "optimizer.step (outside kfe/*)"

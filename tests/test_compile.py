@@ -179,3 +179,28 @@ def test_a_model_traced_before_kfe_hooked_it(monkeypatch: pytest.MonkeyPatch) ->
         got = run(after_trace=True)
     for g, w in zip(got, want, strict=True):
         assert torch.equal(g, w)
+
+
+def test_starting_a_profiler_does_not_recompile() -> None:
+    """The capture hooks' profiler ranges stay out of the trace (``kfe.profiling.phase``):
+    a profiled window of a compiled model runs the graphs compiled before it."""
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = make_model()
+    opt = KFEOptimizer(model, rule="ekfac", **{**SETTINGS, "factor_every": 1})
+    net = torch.compile(model, backend="aot_eager")
+    x, y = data()
+
+    def step() -> None:
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+
+    step()
+    step()
+    compiled = counters["stats"]["unique_graphs"]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+    assert counters["stats"]["unique_graphs"] == compiled
+    assert any(e.name == "kfe/lambda" for e in prof.events())  # the step's ranges remain
